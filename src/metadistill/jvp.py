@@ -1,0 +1,270 @@
+"""Jacobian-vector products of a student's logits along a weight direction (forward-mode AD).
+
+Two engines compute the same exact J_z u:
+- `generic`: torch.autograd.forward_ad through `functional_call`; works for any model, and
+  recomputes the forward pass alongside the tangents.
+- `tape`: tangent propagation through the activations recorded during the training step's own
+  forward pass (`record_activations`), so no primal work is repeated. It applies to models whose
+  forward is a chain of supported layers (Linear, Conv1d/2d, BatchNorm1d/2d, ReLU, Tanh, Sigmoid,
+  MaxPool1d/2d, Flatten, Identity, Dropout when inactive); anything else falls back to `generic`.
+Both are checked against each other and against double-backward oracles in the tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.autograd.forward_ad as fwad
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+_CHAIN_LAYERS = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.ReLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.Flatten,
+    nn.Identity,
+    nn.Dropout,
+)
+
+_READS_INPUT = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.MaxPool1d, nn.MaxPool2d)
+
+
+@dataclass
+class _Call:
+    module: nn.Module
+    prefix: str
+    inp: Tensor
+    out: Tensor
+    saved: dict[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.version = self.inp._version
+
+    def intact(self) -> bool:
+        """The input, where the tangent rule reads it, was not modified in place after the call."""
+        reads_input = isinstance(self.module, _READS_INPUT)
+        return not reads_input or self.inp._version == self.version
+
+
+@dataclass
+class ActivationRecord:
+    """The leaf-module calls of one forward pass, in order; `chain` says whether the tape engine applies."""
+
+    calls: list[_Call] = field(default_factory=list)
+    supported: bool = True
+
+    def chain(self, x: Tensor, logits: Tensor) -> bool:
+        if not self.supported or not self.calls:
+            return False
+        if self.calls[0].inp is not x or self.calls[-1].out is not logits:
+            return False
+        linked = all(a.out is b.inp for a, b in zip(self.calls, self.calls[1:]))
+        return linked and all(call.intact() for call in self.calls)
+
+
+def _leaf_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, module in model.named_modules():
+        if not any(True for _ in module.children()):
+            yield name, module
+
+
+@contextmanager
+def record_activations(model: nn.Module) -> Iterator[ActivationRecord]:
+    """Record the inputs and outputs of every leaf module called inside the block.
+
+    The tensors recorded are the ones autograd keeps for the backward pass anyway; the max-pool
+    indices and batch-norm statistics are read from the autograd nodes when they exist.
+    """
+    record = ActivationRecord()
+
+    def hook(prefix: str):
+        def fn(module: nn.Module, args: tuple, out: object) -> None:
+            if not isinstance(module, _CHAIN_LAYERS) or len(args) != 1 or not isinstance(out, Tensor):
+                record.supported = False
+                return
+            if isinstance(module, nn.Dropout) and module.training and module.p > 0:
+                record.supported = False
+                return
+            call = _Call(module, prefix, args[0], out)
+            node = out.grad_fn
+            if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d)) and node is not None:
+                indices = getattr(node, "_saved_result1", None)
+                if indices is not None and indices.dtype == torch.int64:
+                    call.saved["indices"] = indices
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and node is not None:
+                if type(node).__name__ == "NativeBatchNormBackward0" and node._saved_training:
+                    call.saved["mean"] = node._saved_result1
+                    call.saved["invstd"] = node._saved_result2
+            record.calls.append(call)
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in _leaf_modules(model)]
+    try:
+        yield record
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def generic_jvp(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    buffers: dict[str, Tensor],
+    x: Tensor,
+    tangents: dict[str, Tensor],
+) -> tuple[Tensor, Tensor]:
+    """(logits, J_logits · tangents) at `params` by forward-mode AD; `buffers` are cloned, never written."""
+    scratch = {name: b.clone() for name, b in buffers.items()}
+    with fwad.dual_level():
+        duals = {name: fwad.make_dual(p.detach(), tangents[name]) if name in tangents else p.detach()
+                 for name, p in params.items()}
+        out = functional_call(model, (duals, scratch), (x,))
+        primal, tangent = fwad.unpack_dual(out)
+    if tangent is None:
+        tangent = torch.zeros_like(primal)
+    return primal, tangent
+
+
+def _param(call: _Call, params: dict[str, Tensor], name: str) -> Tensor | None:
+    return params.get(f"{call.prefix}.{name}" if call.prefix else name)
+
+
+def _channel_mean(t: Tensor) -> Tensor:
+    dims = [0] + list(range(2, t.dim()))
+    return t.mean(dim=dims, keepdim=True)
+
+
+def _channel_view(v: Tensor, like: Tensor) -> Tensor:
+    return v.view([1, -1] + [1] * (like.dim() - 2))
+
+
+def _linear_tangent(call: _Call, params: dict[str, Tensor], tangents: dict[str, Tensor],
+                    t_in: Tensor | None) -> Tensor | None:
+    module = call.module
+    weight = _param(call, params, "weight")
+    d_weight = _param(call, tangents, "weight")
+    d_bias = _param(call, tangents, "bias") if module.bias is not None else None
+
+    def apply(inp: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        if isinstance(module, nn.Linear):
+            return F.linear(inp, w, b)
+        conv = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d
+        return conv(inp, w, b, module.stride, module.padding, module.dilation, module.groups)
+
+    out = None
+    if t_in is not None:
+        out = apply(t_in, weight, None)
+    if d_weight is not None:
+        term = apply(call.inp, d_weight, d_bias)
+        out = term if out is None else out + term
+    elif d_bias is not None:
+        term = _channel_view(d_bias, call.out) if call.out.dim() > 2 else d_bias
+        out = term.expand_as(call.out) if out is None else out + term
+    return out
+
+
+def _batchnorm_tangent(call: _Call, params: dict[str, Tensor], tangents: dict[str, Tensor],
+                       buffers: dict[str, Tensor], t_in: Tensor | None) -> Tensor | None:
+    module = call.module
+    x = call.inp
+    batch_stats = module.training or module.running_mean is None
+    if batch_stats:
+        if "mean" in call.saved:
+            mean, invstd = call.saved["mean"], call.saved["invstd"]
+        else:
+            dims = [0] + list(range(2, x.dim()))
+            mean = x.mean(dim=dims)
+            invstd = torch.rsqrt(x.var(dim=dims, unbiased=False) + module.eps)
+    else:
+        mean = _param(call, buffers, "running_mean")
+        invstd = torch.rsqrt(_param(call, buffers, "running_var") + module.eps)
+    mean, invstd = _channel_view(mean, x), _channel_view(invstd, x)
+    x_hat = (x - mean) * invstd
+    weight = _param(call, params, "weight")
+    d_weight = _param(call, tangents, "weight")
+    d_bias = _param(call, tangents, "bias")
+    out = None
+    if t_in is not None:
+        if batch_stats:
+            t_in = t_in - _channel_mean(t_in) - x_hat * _channel_mean(t_in * x_hat)
+        scale = invstd if weight is None else invstd * _channel_view(weight, x)
+        out = t_in * scale
+    if d_weight is not None:
+        term = x_hat * _channel_view(d_weight, x)
+        out = term if out is None else out + term
+    if d_bias is not None:
+        term = _channel_view(d_bias, x)
+        out = term.expand_as(x) if out is None else out + term
+    return out
+
+
+def _pool_tangent(call: _Call, t_in: Tensor) -> Tensor:
+    module = call.module
+    indices = call.saved.get("indices")
+    if indices is None:
+        pool = F.max_pool1d if isinstance(module, nn.MaxPool1d) else F.max_pool2d
+        _, indices = pool(call.inp, module.kernel_size, module.stride, module.padding,
+                          module.dilation, ceil_mode=module.ceil_mode, return_indices=True)
+    flat = t_in.flatten(start_dim=2).gather(2, indices.flatten(start_dim=2))
+    return flat.view_as(call.out)
+
+
+def tape_jvp(
+    record: ActivationRecord,
+    params: dict[str, Tensor],
+    buffers: dict[str, Tensor],
+    tangents: dict[str, Tensor],
+) -> Tensor:
+    """J_logits · tangents by propagating tangents through a recorded chain (see `ActivationRecord.chain`).
+
+    `params` and `buffers` must be the values the recorded forward pass used.
+    """
+    t: Tensor | None = None
+    for call in record.calls:
+        module = call.module
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            t = _linear_tangent(call, params, tangents, t)
+        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            t = _batchnorm_tangent(call, params, tangents, buffers, t)
+        elif t is None:
+            continue
+        elif isinstance(module, nn.ReLU):
+            t = torch.where(call.out > 0, t, torch.zeros((), dtype=t.dtype))
+        elif isinstance(module, nn.Tanh):
+            t = t * (1 - call.out * call.out)
+        elif isinstance(module, nn.Sigmoid):
+            t = t * call.out * (1 - call.out)
+        elif isinstance(module, (nn.MaxPool1d, nn.MaxPool2d)):
+            t = _pool_tangent(call, t)
+        elif isinstance(module, nn.Flatten):
+            t = t.flatten(module.start_dim, module.end_dim)
+        # Identity and inactive Dropout pass the tangent through unchanged.
+    return torch.zeros_like(record.calls[-1].out) if t is None else t
+
+
+def logits_jvp(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    buffers: dict[str, Tensor],
+    x: Tensor,
+    tangents: dict[str, Tensor],
+    record: ActivationRecord | None = None,
+    logits: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(logits, J_logits · tangents) at `params`; uses the tape when `record` covers a supported chain."""
+    if record is not None and logits is not None and record.chain(x, logits):
+        return logits.detach(), tape_jvp(record, params, buffers, tangents)
+    return generic_jvp(model, params, buffers, x, tangents)

@@ -1,0 +1,78 @@
+"""Distillation and validation losses, and the closed-form mixed derivative of the loss head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Scalar = float | Tensor
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    lambda1: Scalar,
+    temperature: Scalar,
+    t2_scaling: bool = False,
+) -> Tensor:
+    """Batch mean of  lambda1 * CE(z, y) + (1 - lambda1) * s(T) * KL(softmax(f/T) || softmax(z/T)).
+
+    z are the student logits, f the teacher logits (constants), y the hard labels. lambda1 weights
+    the hard-label cross-entropy, so lambda1 = 1 is training without distillation. s(T) = 1 (the
+    paper), or T**2 (Hinton's scaling) when `t2_scaling` is true. `lambda1` and `temperature` may be
+    floats or 0-d tensors (tensors that require grad make the loss differentiable in them).
+    """
+    hard = F.cross_entropy(student_logits, targets)
+    if isinstance(lambda1, float) and lambda1 == 1.0:
+        return hard
+    soft = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=1),
+        F.log_softmax(teacher_logits / temperature, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    if t2_scaling:
+        soft = soft * temperature**2
+    return lambda1 * hard + (1.0 - lambda1) * soft
+
+
+def validation_loss(student_logits: Tensor, targets: Tensor, t_val: float = 1.0) -> Tensor:
+    """Batch mean of CE(z / t_val, y); it does not depend on the metaparameters."""
+    return F.cross_entropy(student_logits / t_val, targets)
+
+
+def mixed_derivative(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    lambda1: float,
+    temperature: float,
+    t2_scaling: bool = False,
+) -> Tensor:
+    """d^2 L / (d lambda dz) of the batch-mean `distillation_loss`, shape [2, B, K].
+
+    Row 0 is the derivative in lambda1, row 1 in T. With sigma = softmax(z), q = softmax(z/T),
+    p = softmax(f/T) and c(T) = s(T)/T:
+        dl/dz          = lambda1 (sigma - e_y) + (1 - lambda1) c(T) (q - p)
+        d2l/dlambda1dz = (sigma - e_y) - c(T) (q - p)
+        d2l/dTdz       = (1 - lambda1) [c'(T) (q - p) + c(T) (dq/dT - dp/dT)],
+    where dq/dT = -q * (z - <q, z>) / T^2 and likewise for p with f.
+    """
+    z = student_logits
+    batch, classes = z.shape
+    sigma = torch.softmax(z, dim=1)
+    q = torch.softmax(z / temperature, dim=1)
+    p = torch.softmax(teacher_logits.to(z.dtype) / temperature, dim=1)
+    onehot = F.one_hot(targets, classes).to(z.dtype)
+    if t2_scaling:
+        c, dc = temperature, 1.0
+    else:
+        c, dc = 1.0 / temperature, -1.0 / temperature**2
+    dq = -q * (z - (q * z).sum(1, keepdim=True)) / temperature**2
+    f = teacher_logits.to(z.dtype)
+    dp = -p * (f - (p * f).sum(1, keepdim=True)) / temperature**2
+    d_lambda1 = (sigma - onehot) - c * (q - p)
+    d_temperature = (1.0 - lambda1) * (dc * (q - p) + c * (dq - dp))
+    return torch.stack((d_lambda1, d_temperature)) / batch
