@@ -178,6 +178,11 @@ def _linear_tangent(call: _Call, params: dict[str, Tensor], tangents: dict[str, 
 
 def _batchnorm_tangent(call: _Call, params: dict[str, Tensor], tangents: dict[str, Tensor],
                        buffers: dict[str, Tensor], t_in: Tensor | None) -> Tensor | None:
+    """Tangent of y = gamma * (x - mean) * invstd + beta, written as a * t + b * x + c per channel.
+
+    With batch statistics, d x_hat = invstd * (t - mean(t) - x_hat * mean(t * x_hat)). Collecting the
+    per-channel coefficients first keeps the work on full-size tensors to two fused passes.
+    """
     module = call.module
     x = call.inp
     batch_stats = module.training or module.running_mean is None
@@ -192,23 +197,25 @@ def _batchnorm_tangent(call: _Call, params: dict[str, Tensor], tangents: dict[st
         mean = _param(call, buffers, "running_mean")
         invstd = torch.rsqrt(_param(call, buffers, "running_var") + module.eps)
     mean, invstd = _channel_view(mean, x), _channel_view(invstd, x)
-    x_hat = (x - mean) * invstd
     weight = _param(call, params, "weight")
     d_weight = _param(call, tangents, "weight")
     d_bias = _param(call, tangents, "bias")
-    out = None
-    if t_in is not None:
-        if batch_stats:
-            t_in = t_in - _channel_mean(t_in) - x_hat * _channel_mean(t_in * x_hat)
-        scale = invstd if weight is None else invstd * _channel_view(weight, x)
-        out = t_in * scale
-    if d_weight is not None:
-        term = x_hat * _channel_view(d_weight, x)
-        out = term if out is None else out + term
-    if d_bias is not None:
-        term = _channel_view(d_bias, x)
-        out = term.expand_as(x) if out is None else out + term
-    return out
+    gain = invstd if weight is None else invstd * _channel_view(weight, x)
+    # y_dot = a * t + b * x_hat + c, then x_hat = invstd * x - invstd * mean.
+    a = gain if t_in is not None else None
+    b = torch.zeros_like(gain) if d_weight is None else _channel_view(d_weight, x).clone()
+    c = torch.zeros_like(gain) if d_bias is None else _channel_view(d_bias, x).clone()
+    if t_in is not None and batch_stats:
+        t_mean = _channel_mean(t_in)
+        tx_hat_mean = invstd * (_channel_mean(t_in * x) - mean * t_mean)
+        b = b - gain * tx_hat_mean
+        c = c - gain * t_mean
+    if a is None and d_weight is None and d_bias is None:
+        return None
+    c = c - b * invstd * mean
+    b = b * invstd
+    out = torch.addcmul(c, b, x)
+    return out if a is None else out.addcmul_(a, t_in)
 
 
 def _pool_tangent(call: _Call, t_in: Tensor) -> Tensor:
@@ -233,8 +240,10 @@ def tape_jvp(
     `params` and `buffers` must be the values the recorded forward pass used.
     """
     t: Tensor | None = None
-    for call in record.calls:
+    calls = record.calls
+    for i, call in enumerate(calls):
         module = call.module
+        following = calls[i + 1].module if i + 1 < len(calls) else None
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             t = _linear_tangent(call, params, tangents, t)
         elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -242,13 +251,18 @@ def tape_jvp(
         elif t is None:
             continue
         elif isinstance(module, nn.ReLU):
-            t = torch.where(call.out > 0, t, torch.zeros((), dtype=t.dtype))
+            if isinstance(following, (nn.MaxPool1d, nn.MaxPool2d)):
+                continue  # masked after the pool, on the smaller tensor: see _pool_tangent
+            t = torch.ops.aten.threshold_backward(t, call.out, 0)
         elif isinstance(module, nn.Tanh):
             t = t * (1 - call.out * call.out)
         elif isinstance(module, nn.Sigmoid):
             t = t * call.out * (1 - call.out)
         elif isinstance(module, (nn.MaxPool1d, nn.MaxPool2d)):
             t = _pool_tangent(call, t)
+            if i > 0 and isinstance(calls[i - 1].module, nn.ReLU):
+                # relu then max-pool: the selected element passed the relu iff the pooled value is > 0.
+                t = torch.ops.aten.threshold_backward(t, call.out, 0)
         elif isinstance(module, nn.Flatten):
             t = t.flatten(module.start_dim, module.end_dim)
         # Identity and inactive Dropout pass the tangent through unchanged.
