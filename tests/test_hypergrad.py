@@ -7,7 +7,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metadistill import Metaparameters, greedy_hypergradient
-from metadistill.hypergrad import TrainStep, UpdateMap, mixed_product, step_hypergradient
+from metadistill.hypergrad import TrainStep, UpdateMap, step_hypergradient
 from metadistill.jvp import generic_jvp, record_activations, tape_jvp
 
 torch.set_default_dtype(torch.float64)
@@ -51,7 +51,7 @@ def make(kind, seed=0):
 def oracle(model, x, y, teacher, xv, yv, lam, lr, t_val, t2_scaling=False):
     """d L_val(w - lr grad L_train(w, lambda)) / d lambda by plain double backward, paper's CE form."""
     params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
-    buffers = lambda: {n: b.detach().clone() for n, b in model.named_buffers()}  # noqa: E731
+    buffers = lambda: {n: b.detach().clone() for n, b in model.named_buffers()}
     lam_t = torch.tensor(lam.as_tuple(), requires_grad=True)
     lambda1, temperature = lam_t[0], lam_t[1]
     z = functional_call(model, (params, buffers()), (x,))

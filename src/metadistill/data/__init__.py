@@ -1,0 +1,1 @@
+"""Datasets of the experiments, built in memory as tensors."""

@@ -1,0 +1,224 @@
+"""Metaparameter strategies behind one protocol: fixed, random, greedy gradient, linear trajectory.
+
+The training loop asks a strategy for lambda at the start (`start`), and after every real step t
+calls `advance(t, hypergradient)` to get lambda for step t + 1. `hypergradient` is a lazy callable:
+the loop computes (and counts) the hypergradient of step t only if the strategy calls it, and it
+prepares for that only where `wants_hypergradient(t)` is true.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .meta import Metaparameters
+
+Hypergradient = Callable[[], Tensor]
+META_OPTIMIZERS = ("sgd", "adam")
+
+
+def random_metaparameters(seed: int) -> Metaparameters:
+    """The run's random draw: lambda1 ~ U(0, 1), log10 T ~ U(-1, 1); the same for every method of run `seed`."""
+    rng = np.random.default_rng(seed)
+    lambda1, log10_t = rng.uniform(0.0, 1.0), rng.uniform(-1.0, 1.0)
+    return Metaparameters.clamped(float(lambda1), float(10.0**log10_t))
+
+
+class Strategy:
+    """Base protocol. Subclasses set `name` and override what they need."""
+
+    name = "strategy"
+    uses_hypergradient = False
+
+    def __init__(self) -> None:
+        self.lam: Metaparameters | None = None
+
+    def start(self, seed: int) -> Metaparameters:
+        raise NotImplementedError
+
+    def wants_hypergradient(self, step: int) -> bool:
+        return False
+
+    def advance(self, step: int, hypergradient: Hypergradient) -> Metaparameters:
+        assert self.lam is not None, "start() first"
+        return self.lam
+
+    def state_dict(self) -> dict:
+        return {"lam": None if self.lam is None else self.lam.as_tuple()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lam = None if state["lam"] is None else Metaparameters(*state["lam"])
+
+
+class Fixed(Strategy):
+    """Constant metaparameters for the whole run (no distillation: lambda1 = 1; naive: 0.5, T = 1)."""
+
+    def __init__(self, lam: Metaparameters, name: str = "fixed") -> None:
+        super().__init__()
+        self.fixed = lam
+        self.name = name
+
+    def start(self, seed: int) -> Metaparameters:
+        self.lam = self.fixed
+        return self.lam
+
+
+class Random(Strategy):
+    """The run's random draw (`random_metaparameters(seed)`), fixed for the run."""
+
+    name = "random"
+
+    def start(self, seed: int) -> Metaparameters:
+        self.lam = random_metaparameters(seed)
+        return self.lam
+
+
+class MetaOptimizer:
+    """Update of lambda from a hypergradient h = [dL_val/dlambda1, dL_val/dT].
+
+    "sgd" (the paper): each component of h clipped to [-clip, clip] (clip <= 0 disables it),
+    non-finite components set to 0, lambda -= meta_lr * h, then clamped to the bounds.
+    "adam": Adam on the unconstrained coordinates (logit lambda1, log T), no clip; non-finite
+    components of h set to 0.
+    """
+
+    def __init__(self, kind: str = "sgd", meta_lr: float = 0.1, clip: float = 0.01) -> None:
+        if kind not in META_OPTIMIZERS:
+            raise ValueError(f"unknown meta optimizer {kind!r}; choose one of {', '.join(META_OPTIMIZERS)}")
+        if not (math.isfinite(meta_lr) and meta_lr > 0):
+            raise ValueError(f"meta_lr must be a positive number, got {meta_lr}")
+        self.kind, self.meta_lr, self.clip = kind, float(meta_lr), float(clip)
+        self.coords: Tensor | None = None
+        self.adam: torch.optim.Adam | None = None
+
+    def reset(self, lam: Metaparameters) -> None:
+        if self.kind == "adam":
+            self.coords = torch.tensor(lam.to_unconstrained(), dtype=torch.float64, requires_grad=True)
+            self.adam = torch.optim.Adam([self.coords], lr=self.meta_lr)
+
+    def update(self, lam: Metaparameters, hypergradient: Tensor) -> Metaparameters:
+        h = torch.nan_to_num(hypergradient.detach().to(torch.float64).cpu(), nan=0.0, posinf=0.0, neginf=0.0)
+        if self.kind == "sgd":
+            if self.clip > 0:
+                h = h.clamp(-self.clip, self.clip)
+            return Metaparameters.clamped(lam.lambda1 - self.meta_lr * float(h[0]),
+                                          lam.temperature - self.meta_lr * float(h[1]))
+        assert self.coords is not None and self.adam is not None, "reset() first"
+        with torch.no_grad():  # follow lambda where it moved without us (predictions, clamping)
+            self.coords.copy_(torch.tensor(lam.to_unconstrained(), dtype=torch.float64))
+        # Chain rule to (logit lambda1, log T): dlambda1/dlogit = lambda1 (1 - lambda1), dT/dlogT = T.
+        jac = torch.tensor([lam.lambda1 * (1.0 - lam.lambda1), lam.temperature], dtype=torch.float64)
+        self.coords.grad = h * jac
+        self.adam.step()
+        return Metaparameters.from_unconstrained(*self.coords.detach().tolist())
+
+    def state_dict(self) -> dict:
+        if self.kind == "sgd":
+            return {}
+        assert self.coords is not None and self.adam is not None
+        return {"coords": self.coords.detach().tolist(), "adam": self.adam.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.kind == "adam":
+            self.coords = torch.tensor(state["coords"], dtype=torch.float64, requires_grad=True)
+            self.adam = torch.optim.Adam([self.coords], lr=self.meta_lr)
+            self.adam.load_state_dict(state["adam"])
+
+
+class Gradient(Strategy):
+    """Greedy hypergradient step on lambda after every training step (METHOD.md section 2).
+
+    Starts from `init` if given, else from the run's random draw.
+    """
+
+    name = "gradient"
+    uses_hypergradient = True
+
+    def __init__(self, meta: MetaOptimizer | None = None, init: Metaparameters | None = None) -> None:
+        super().__init__()
+        self.meta = meta or MetaOptimizer()
+        self.init = init
+
+    def start(self, seed: int) -> Metaparameters:
+        self.lam = self.init or random_metaparameters(seed)
+        self.meta.reset(self.lam)
+        return self.lam
+
+    def wants_hypergradient(self, step: int) -> bool:
+        return True
+
+    def advance(self, step: int, hypergradient: Hypergradient) -> Metaparameters:
+        assert self.lam is not None, "start() first"
+        self.lam = self.meta.update(self.lam, hypergradient())
+        return self.lam
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "meta": self.meta.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.meta.load_state_dict(state["meta"])
+
+
+class LinearTrajectory(Gradient):
+    """The proposed method: hypergradients in gradient windows, linear predictions in between.
+
+    On a global step counter, steps form windows of `window` (m) steps; window k is a gradient
+    window when k % period == 0. There lambda follows the greedy hypergradient, and the value after
+    each update is recorded at z = 0..m-1. At the end of the window a degree-1 least-squares line
+    per metaparameter is fitted over z; in the (period - 1) following windows lambda is that line at
+    z = m, m + 1, ..., period*m - 1, clamped to the bounds, with no hypergradient. The next
+    gradient window starts from the last predicted value.
+    """
+
+    name = "proposed"
+
+    def __init__(self, window: int = 10, period: int = 2, meta: MetaOptimizer | None = None,
+                 init: Metaparameters | None = None) -> None:
+        super().__init__(meta, init)
+        if not (isinstance(window, int) and window >= 2):
+            raise ValueError(f"window must be an integer >= 2 (a line needs two points), got {window}")
+        if not (isinstance(period, int) and period >= 1):
+            raise ValueError(f"period must be an integer >= 1, got {period}")
+        self.window, self.period = window, period
+        self.recorded: list[tuple[float, float]] = []
+        self.line: list[tuple[float, float]] | None = None  # per metaparameter: (slope, intercept)
+
+    def is_gradient_step(self, step: int) -> bool:
+        return (step // self.window) % self.period == 0
+
+    def wants_hypergradient(self, step: int) -> bool:
+        return self.is_gradient_step(step)
+
+    def advance(self, step: int, hypergradient: Hypergradient) -> Metaparameters:
+        assert self.lam is not None, "start() first"
+        position = step % self.window
+        if self.is_gradient_step(step):
+            if position == 0:
+                self.recorded = []
+            self.lam = self.meta.update(self.lam, hypergradient())
+            self.recorded.append(self.lam.as_tuple())
+            if position == self.window - 1:
+                z = np.arange(self.window, dtype=np.float64)
+                values = np.asarray(self.recorded, dtype=np.float64)
+                self.line = [tuple(np.polyfit(z, values[:, i], 1)) for i in range(2)]
+        if self.is_gradient_step(step + 1):
+            return self.lam
+        assert self.line is not None
+        # Step step + 1 is in a prediction window: z = its position in the cycle of period * m steps,
+        # which runs m, m + 1, ..., period * m - 1 after the m recorded points.
+        z = (step + 1) % (self.window * self.period)
+        self.lam = Metaparameters.clamped(*(slope * z + intercept for slope, intercept in self.line))
+        return self.lam
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "recorded": list(self.recorded), "line": self.line}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.recorded = [tuple(v) for v in state["recorded"]]
+        self.line = None if state["line"] is None else [tuple(v) for v in state["line"]]
