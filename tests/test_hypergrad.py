@@ -51,7 +51,8 @@ def make(kind, seed=0):
 def oracle(model, x, y, teacher, xv, yv, lam, lr, t_val, t2_scaling=False):
     """d L_val(w - lr grad L_train(w, lambda)) / d lambda by plain double backward, paper's CE form."""
     params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
-    buffers = lambda: {n: b.detach().clone() for n, b in model.named_buffers()}
+    def buffers():
+        return {n: b.detach().clone() for n, b in model.named_buffers()}
     lam_t = torch.tensor(lam.as_tuple(), requires_grad=True)
     lambda1, temperature = lam_t[0], lam_t[1]
     z = functional_call(model, (params, buffers()), (x,))
