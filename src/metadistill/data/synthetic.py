@@ -24,7 +24,9 @@ def sample(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tens
 
 
 @functools.lru_cache(maxsize=4)
-def synthetic_problem(data_seed: int = 0, teacher_steps: int = 20000, teacher_lr: float = 0.01) -> tuple[Problem, float]:
+def synthetic_problem(
+    data_seed: int = 0, teacher_steps: int = 20000, teacher_lr: float = 0.01
+) -> tuple[Problem, float]:
     """(Problem, teacher test accuracy). The data and the teacher depend on `data_seed` only.
 
     The teacher is logistic regression on TEACHER_FEATURES trained by full-batch gradient descent
