@@ -132,19 +132,26 @@ class MetaOptimizer:
 class Gradient(Strategy):
     """Greedy hypergradient step on lambda after every training step (METHOD.md section 2).
 
-    Starts from `init` if given, else from the run's random draw.
+    Starts from `lambda1` / `temperature` where given, else from the run's random draw.
     """
 
     name = "gradient"
     uses_hypergradient = True
 
-    def __init__(self, meta: MetaOptimizer | None = None, init: Metaparameters | None = None) -> None:
+    def __init__(self, meta: MetaOptimizer | None = None, lambda1: float | None = None,
+                 temperature: float | None = None) -> None:
         super().__init__()
         self.meta = meta or MetaOptimizer()
-        self.init = init
+        self.init = (lambda1, temperature)
+        if lambda1 is not None or temperature is not None:
+            Metaparameters(lambda1 if lambda1 is not None else 0.5,
+                           temperature if temperature is not None else 1.0)  # validates the given ones
 
     def start(self, seed: int) -> Metaparameters:
-        self.lam = self.init or random_metaparameters(seed)
+        draw = random_metaparameters(seed)
+        lambda1, temperature = self.init
+        self.lam = Metaparameters(draw.lambda1 if lambda1 is None else lambda1,
+                                  draw.temperature if temperature is None else temperature)
         self.meta.reset(self.lam)
         return self.lam
 
@@ -178,8 +185,8 @@ class LinearTrajectory(Gradient):
     name = "proposed"
 
     def __init__(self, window: int = 10, period: int = 2, meta: MetaOptimizer | None = None,
-                 init: Metaparameters | None = None) -> None:
-        super().__init__(meta, init)
+                 lambda1: float | None = None, temperature: float | None = None) -> None:
+        super().__init__(meta, lambda1, temperature)
         if not (isinstance(window, int) and window >= 2):
             raise ValueError(f"window must be an integer >= 2 (a line needs two points), got {window}")
         if not (isinstance(period, int) and period >= 1):

@@ -1,0 +1,253 @@
+"""Per-step CPU cost of distillation with and without the greedy hypergradient, side by side.
+
+Variants (all on the paper's Fashion-MNIST student, BatchNorm in train mode, random data, SGD lr 0.1,
+lambda1 = 0.5, T = 2):
+
+- plain               one distillation step, nothing kept for a hypergradient;
+- jvp, fd, double     one step in the loop's shared ordering (the real step doubles as the virtual
+                      step), then its hypergradient by that method;
+- original            the original code's procedure: a separate virtual step at detached copies of
+                      the weights, the validation gradient at w', the finite-difference mixed
+                      derivative at w, and then the real step;
+- proposed_m10_P10    LinearTrajectory(window=10, period=10) driven over blocks of 100 consecutive
+                      steps exactly as `fit()` drives a strategy (hypergradients by "jvp"); its time
+                      is block time / 100, i.e. the amortised per-step cost.
+
+The machine is assumed shared and noisy: every variant is warmed up, then the variants are timed
+round-robin (each round times every variant over a few consecutive steps, or one whole block for
+the proposed method), and the median per-step time over rounds is reported.
+
+Run: python bench/hypergrad_cost.py [--steps N] [--repeats K] [--warmup W] [--seed S]  (about 1.5 min on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from metadistill.hypergrad import TrainStep, mixed_product, validation_gradient
+from metadistill.losses import distillation_loss
+from metadistill.meta import Metaparameters
+from metadistill.models import count_parameters, fashion_student
+from metadistill.strategies import LinearTrajectory
+from metadistill.train import TakenStep, TrainConfig, build_optimizer, train_step
+
+BATCH = 128
+VAL_BATCH = 128
+CLASSES = 10
+LR = 0.1
+LAM = Metaparameters(lambda1=0.5, temperature=2.0)
+T_VAL = 1.0
+WINDOW, PERIOD = 10, 10
+BLOCK = WINDOW * PERIOD  # one full gradient-window + prediction-windows cycle
+PROPOSED = f"proposed_m{WINDOW}_P{PERIOD}"
+RATIO_NAMES = ("jvp", "fd", "double", "original", PROPOSED)
+
+
+@dataclass(frozen=True)
+class Data:
+    """One random train batch and one random validation batch, shared by all variants."""
+
+    x: Tensor
+    y: Tensor
+    teacher: Tensor
+    x_val: Tensor
+    y_val: Tensor
+
+    @classmethod
+    def random(cls, seed: int) -> Data:
+        g = torch.Generator().manual_seed(seed)
+        return cls(
+            x=torch.randn(BATCH, 1, 28, 28, generator=g),
+            y=torch.randint(0, CLASSES, (BATCH,), generator=g),
+            teacher=torch.randn(BATCH, CLASSES, generator=g),
+            x_val=torch.randn(VAL_BATCH, 1, 28, 28, generator=g),
+            y_val=torch.randint(0, CLASSES, (VAL_BATCH,), generator=g),
+        )
+
+
+@dataclass
+class Variant:
+    """A named way of taking one training step; `steps_per_round` consecutive calls are timed together."""
+
+    name: str
+    step: Callable[[], object]
+    steps_per_round: int
+
+
+class Student:
+    """One model and its optimizer (each variant has its own, so that they do not interfere)."""
+
+    def __init__(self, seed: int) -> None:
+        torch.manual_seed(seed)  # every variant starts from the same weights
+        self.model = fashion_student()
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, TrainConfig(lr=LR, optimizer="sgd"))
+
+    def step(self, data: Data, lam: Metaparameters, keep: bool) -> TakenStep | None:
+        loss, taken = train_step(self.model, self.optimizer, data.x, data.y, data.teacher, lam,
+                                 keep_for_hypergradient=keep)
+        if not math.isfinite(loss):
+            raise RuntimeError(f"training diverged (loss {loss}); the timings would be meaningless")
+        return taken
+
+
+def plain_variant(data: Data, seed: int, steps: int) -> Variant:
+    student = Student(seed)
+    return Variant("plain", lambda: student.step(data, LAM, keep=False), steps)
+
+
+def shared_ordering_variant(method: str, data: Data, seed: int, steps: int) -> Variant:
+    student = Student(seed)
+
+    def step() -> None:
+        taken = student.step(data, LAM, keep=True)
+        assert taken is not None
+        taken.hypergradient(data.x_val, data.y_val, T_VAL, method)
+
+    return Variant(method, step, steps)
+
+
+def original_variant(data: Data, seed: int, steps: int) -> Variant:
+    """Separate virtual step, v at w', finite-difference mixed product at w, then the real step."""
+    student = Student(seed)
+    model = student.model
+
+    def step() -> None:
+        params = {name: p.detach().clone() for name, p in model.named_parameters()}
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        leaves = {name: p.clone().requires_grad_() for name, p in params.items()}
+        scratch = {name: b.clone() for name, b in buffers.items()}  # BatchNorm writes running stats here
+        logits = functional_call(model, (leaves, scratch), (data.x,))
+        loss = distillation_loss(logits, data.teacher, data.y, LAM.lambda1, LAM.temperature)
+        grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+        moved = {name: params[name] - LR * grads[name] for name in params}
+        v, _ = validation_gradient(model, data.x_val, data.y_val, T_VAL, params=moved)
+        virtual = TrainStep(model, params, buffers, data.x, data.y, data.teacher, LAM)
+        mixed_product(virtual, {name: LR * g for name, g in v.items()}, "fd")
+        student.step(data, LAM, keep=False)
+
+    return Variant("original", step, steps)
+
+
+def proposed_variant(data: Data, seed: int) -> Variant:
+    """One call is one step of the `fit()` loop driving LinearTrajectory; timed in whole cycles."""
+    student = Student(seed)
+    strategy = LinearTrajectory(window=WINDOW, period=PERIOD, lambda1=LAM.lambda1, temperature=LAM.temperature)
+    lam = strategy.start(seed)
+    counter = 0
+
+    def refuse() -> Tensor:
+        raise RuntimeError("the strategy asked for a hypergradient it said it would not want")
+
+    def step() -> None:
+        nonlocal lam, counter
+        wants = strategy.wants_hypergradient(counter)
+        taken = student.step(data, lam, keep=wants)
+
+        def hypergradient() -> Tensor:
+            assert taken is not None
+            return taken.hypergradient(data.x_val, data.y_val, T_VAL, "jvp")[0]
+
+        lam = strategy.advance(counter, hypergradient if wants else refuse)
+        counter += 1
+
+    return Variant(PROPOSED, step, BLOCK)
+
+
+def per_step_seconds(step: Callable[[], object], count: int) -> float:
+    """Wall time of `count` consecutive calls of `step`, divided by `count`."""
+    started = time.perf_counter()
+    for _ in range(count):
+        step()
+    return (time.perf_counter() - started) / count
+
+
+def benchmark(variants: list[Variant], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """`warmup` untimed rounds, then `repeats` timed round-robin rounds; per-step seconds of every round.
+
+    Warming up in whole rounds keeps the proposed method's timed blocks aligned with its cycles.
+    """
+    samples: dict[str, list[float]] = {variant.name: [] for variant in variants}
+    for round_index in range(warmup + repeats):
+        for variant in variants:
+            seconds = per_step_seconds(variant.step, variant.steps_per_round)
+            if round_index >= warmup:
+                samples[variant.name].append(seconds)
+    return samples
+
+
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def report(samples: dict[str, list[float]]) -> None:
+    medians = {name: statistics.median(times) for name, times in samples.items()}
+    print(f"\n{'variant':<18} {'median ms/step':>14} {'q1':>8} {'q3':>8} {'min':>8} {'rounds':>7}")
+    for name, times in samples.items():
+        q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
+        print(f"{name:<18} {1e3 * medians[name]:>14.2f} {1e3 * q1:>8.2f} {1e3 * q3:>8.2f} "
+              f"{1e3 * min(times):>8.2f} {len(times):>7d}")
+    print()
+    ratios = {name: medians[name] / medians["plain"] for name in RATIO_NAMES}
+    for name, ratio in ratios.items():
+        print(f"ratio {name}/plain = {ratio:.2f}")
+    print()
+    checks = [
+        ("jvp/plain <= 2.6", ratios["jvp"] <= 2.6),
+        ("jvp lower than fd, double and original",
+         all(medians["jvp"] < medians[name] for name in ("fd", "double", "original"))),
+        (f"{PROPOSED}/plain <= 1.3", ratios[PROPOSED] <= 1.3),
+    ]
+    for label, ok in checks:
+        print(f"{'PASS' if ok else 'FAIL'}: {label}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5,
+                        help="consecutive steps timed per round for every variant but the proposed one, "
+                             f"which is always timed over one {BLOCK}-step block (default 5)")
+    parser.add_argument("--repeats", type=int, default=30, help="number of timed round-robin rounds (default 30)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds before them (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and of the initial weights")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
+        parser.error("--steps and --repeats must be >= 1, --warmup >= 0")
+
+    data = Data.random(args.seed)
+    variants = [
+        plain_variant(data, args.seed, args.steps),
+        *(shared_ordering_variant(method, data, args.seed, args.steps) for method in ("jvp", "fd", "double")),
+        original_variant(data, args.seed, args.steps),
+        proposed_variant(data, args.seed),
+    ]
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu_model()}")
+    print(f"fashion_student: {count_parameters(fashion_student())} parameters; batch {BATCH}, "
+          f"validation batch {VAL_BATCH}, SGD lr {LR}, lambda1 {LAM.lambda1}, T {LAM.temperature}")
+    print(f"{args.repeats} rounds of {args.steps} steps per variant ({BLOCK}-step blocks for the proposed "
+          f"method), after {args.warmup} warm-up round(s)")
+    started = time.perf_counter()
+    samples = benchmark(variants, args.warmup, args.repeats)
+    print(f"timed in {time.perf_counter() - started:.1f} s")
+    report(samples)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The `metadistill` command: run, reproduce, report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import DATASETS, METHOD_HELP, METHODS, ConfigError, build_config, setting_names
+from .experiment import run_experiment
+from .records import RecordError, check_writable
+from .report import summarize, text_table, write_report
+from .train import DivergenceError
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"metadistill: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", required=True, choices=DATASETS, help="experiment of the paper to run")
+    parser.add_argument("--runs", type=_positive_int, default=10,
+                        help="number of runs per method; run r uses seed r for every method (default 10)")
+    parser.add_argument("--out", type=Path, default=Path("runs"),
+                        help="records directory: DATASET/METHOD/run_SEED/ with config.json, history.jsonl, "
+                             "result.json; report.md and results.csv at its top (default ./runs)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting of the dataset's preset, repeatable; e.g. --set lambda1=0.3 "
+                             "--set temperature=4 (fix naive's / initialise gradient and proposed), --set "
+                             "meta_lr=0.1, --set window=10 --set period=2. Settings: " + ", ".join(setting_names()))
+    parser.add_argument("--epochs", type=_positive_int, help="shorthand for --set epochs=N")
+    parser.add_argument("--device", help="shorthand for --set device=D (cpu, cuda)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="metadistill", description="Tune knowledge-distillation metaparameters (lambda1, T) "
+                     "with gradient methods, and reproduce the paper's experiments.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    methods = "; ".join(f"{name}: {text}" for name, text in METHOD_HELP.items())
+    run = commands.add_parser("run", help="runs of one method", description="Train --runs students with one "
+                              "method and print the results table. Finished runs under --out are skipped.")
+    run.add_argument("--method", required=True, choices=METHODS, help=methods)
+    _add_experiment_options(run)
+    run.set_defaults(func=_run)
+    reproduce = commands.add_parser("reproduce", help="all six methods of the paper on one dataset",
+                                    description="Run every method (" + ", ".join(METHODS) + ") --runs times with "
+                                    "the dataset's preset, write report.md and results.csv under --out, print the "
+                                    "table. Rerunning resumes: finished runs are skipped.")
+    reproduce.add_argument("--methods", help="comma-separated subset of the methods (default: all six)")
+    _add_experiment_options(reproduce)
+    reproduce.set_defaults(func=_reproduce)
+    report = commands.add_parser("report", help="rebuild report.md and results.csv from the records in DIR",
+                                 description="Rebuild report.md and results.csv from the records alone.")
+    report.add_argument("dir", type=Path, help="a records directory written by run or reproduce")
+    report.set_defaults(func=_report)
+    return parser
+
+
+def _experiment(args: argparse.Namespace, methods: list[str]) -> int:
+    overrides = list(args.overrides)
+    if args.epochs is not None:
+        overrides.append(f"epochs={args.epochs}")
+    if args.device is not None:
+        overrides.append(f"device={args.device}")
+    config = build_config(args.dataset, overrides)
+    unused = [m for m in methods if m in ("no_distillation", "random", "hyperopt")]
+    if (config.lambda1 is not None or config.temperature is not None) and unused and not args.quiet:
+        print(f"note: lambda1/temperature do not apply to {', '.join(unused)}", file=sys.stderr)
+    check_writable(args.out)
+    seeds = list(range(args.runs))
+    results = run_experiment(config, methods, seeds, args.out, quiet=args.quiet)
+    write_report(args.out)
+    print(text_table(summarize(config.dataset, results)))
+    print(f"records, report.md and results.csv in {args.out}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    return _experiment(args, [args.method])
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    methods = list(METHODS)
+    if args.methods:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown or not methods:
+            raise ConfigError(f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+    return _experiment(args, methods)
+
+
+def _report(args: argparse.Namespace) -> int:
+    if not args.dir.is_dir():
+        raise RecordError(f"no records directory at {args.dir}")
+    tables = write_report(args.dir)
+    if not tables:
+        raise RecordError(f"no finished runs under {args.dir}")
+    for dataset, rows in tables.items():
+        print(f"{dataset}\n{text_table(rows)}\n")
+    print(f"report.md and results.csv rebuilt in {args.dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, RecordError) as error:
+        print(f"metadistill: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except DivergenceError as error:
+        print(f"metadistill: error: {error}; finished runs are kept in the records directory", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("metadistill: interrupted; finished runs are kept, rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

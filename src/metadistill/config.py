@@ -1,0 +1,184 @@
+"""Typed experiment configuration: defaults, TOML presets per dataset, and `--set key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, fields
+from importlib import resources
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .hypergrad import HYPERGRADIENT_METHODS
+from .meta import LAMBDA1_BOUNDS, TEMPERATURE_BOUNDS, Metaparameters
+from .strategies import META_OPTIMIZERS, Fixed, Gradient, LinearTrajectory, MetaOptimizer, Random, Strategy
+from .train import OPTIMIZERS, TrainConfig
+
+DATASETS = ("synthetic",)
+METHODS = ("no_distillation", "naive", "random", "gradient", "hyperopt", "proposed")
+METHOD_HELP = {
+    "no_distillation": "lambda1 = 1 (hard labels only)",
+    "naive": "lambda1 = 0.5, T = 1, fixed (or --set lambda1=.. temperature=..)",
+    "random": "lambda1 ~ U(0,1), log10 T ~ U(-1,1), fixed for the run",
+    "gradient": "greedy hypergradient on lambda at every step",
+    "hyperopt": "TPE over fixed lambda, hyperopt_trials trainings + 1 final",
+    "proposed": "hypergradients in gradient windows, linear predictions in between",
+}
+NAIVE = Metaparameters(0.5, 1.0)
+NO_DISTILLATION = Metaparameters(1.0, 1.0)
+
+
+class ConfigError(ValueError):
+    """A configuration value a user gave is unknown, malformed or out of range."""
+
+
+@dataclass
+class ExperimentConfig:
+    """Every setting of an experiment; a preset per dataset fills it, `--set key=value` overrides it."""
+
+    dataset: str = "synthetic"
+    # student training
+    epochs: int = 1
+    batch_size: int = 128
+    val_batch_size: int = 0
+    lr: float = 1.0
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    lr_decay_every: int = 0
+    lr_decay_factor: float = 0.5
+    t_val: float = 1.0
+    t2_scaling: bool = False
+    eval_every: int = 0
+    device: str = "cpu"
+    threads: int = 0  # torch intra-op threads; 0: torch's default. Tiny models run fastest on 1.
+    # metaparameters
+    lambda1: float | None = None
+    temperature: float | None = None
+    hypergrad_method: str = "jvp"
+    meta_optimizer: str = "sgd"
+    meta_lr: float = 0.1
+    meta_clip: float = 0.01
+    window: int = 10
+    period: int = 2
+    hyperopt_trials: int = 5
+    # data and teacher
+    data_seed: int = 0
+    teacher_steps: int = 20000
+    teacher_lr: float = 0.01
+
+    def validate(self) -> ExperimentConfig:
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        for name, value, (low, high) in (("lambda1", self.lambda1, LAMBDA1_BOUNDS),
+                                         ("temperature", self.temperature, TEMPERATURE_BOUNDS)):
+            if value is not None and not (math.isfinite(value) and low <= value <= high):
+                raise ConfigError(f"{name} must be in [{low}, {high}], got {value}")
+        checks = [
+            (self.meta_optimizer in META_OPTIMIZERS, f"meta_optimizer must be one of {', '.join(META_OPTIMIZERS)}"),
+            (math.isfinite(self.meta_lr) and self.meta_lr > 0, f"meta_lr must be > 0, got {self.meta_lr}"),
+            (math.isfinite(self.meta_clip) and self.meta_clip >= 0, "meta_clip must be >= 0 (0: no clip)"),
+            (self.window >= 2, f"window must be >= 2, got {self.window}"),
+            (self.period >= 1, f"period must be >= 1, got {self.period}"),
+            (self.hyperopt_trials >= 1, f"hyperopt_trials must be >= 1, got {self.hyperopt_trials}"),
+            (self.teacher_steps >= 1, "teacher_steps must be >= 1"),
+            (math.isfinite(self.teacher_lr) and self.teacher_lr > 0, "teacher_lr must be > 0"),
+            (self.data_seed >= 0, "data_seed must be >= 0"),
+            (self.threads >= 0, "threads must be >= 0 (0: torch's default)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        try:
+            self.train_config()
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        return self
+
+    def train_config(self) -> TrainConfig:
+        names = {f.name for f in fields(TrainConfig)}
+        return TrainConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+    def meta_optimizer_instance(self) -> MetaOptimizer:
+        return MetaOptimizer(self.meta_optimizer, self.meta_lr, self.meta_clip)
+
+    def strategy(self, method: str) -> Strategy:
+        """The strategy of `method` (every method but hyperopt, which runs whole trainings)."""
+        if method == "no_distillation":
+            return Fixed(NO_DISTILLATION, method)
+        if method == "naive":
+            return Fixed(Metaparameters(NAIVE.lambda1 if self.lambda1 is None else self.lambda1,
+                                        NAIVE.temperature if self.temperature is None else self.temperature), method)
+        if method == "random":
+            return Random()
+        if method == "gradient":
+            return Gradient(self.meta_optimizer_instance(), self.lambda1, self.temperature)
+        if method == "proposed":
+            return LinearTrajectory(self.window, self.period, self.meta_optimizer_instance(),
+                                    self.lambda1, self.temperature)
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+_CHOICES = {"optimizer": OPTIMIZERS, "meta_optimizer": META_OPTIMIZERS,
+            "hypergrad_method": HYPERGRADIENT_METHODS, "dataset": DATASETS}
+
+
+def _parse(name: str, kind: Any, text: str) -> Any:
+    kind = str(kind)
+    if "None" in kind and text.strip().lower() in ("none", ""):
+        return None
+    try:
+        if kind.startswith("bool"):
+            lowered = text.strip().lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return lowered in ("true", "1", "yes")
+        if kind.startswith("int"):
+            return int(text)
+        if kind.startswith("float"):
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError
+            return value
+    except ValueError:
+        expected = kind.split(" |")[0]
+        raise ConfigError(f"{name} expects a {expected}, got {text!r}") from None
+    if name in _CHOICES and text not in _CHOICES[name]:
+        raise ConfigError(f"{name} must be one of {', '.join(_CHOICES[name])}, got {text!r}")
+    return text
+
+
+def preset(dataset: str) -> dict[str, Any]:
+    """The paper's settings for `dataset`, from presets/<dataset>.toml."""
+    if dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    text = resources.files("metadistill").joinpath("presets", f"{dataset}.toml").read_text()
+    return tomllib.loads(text)
+
+
+def build_config(dataset: str, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Defaults, then the dataset's preset, then `key=value` overrides; validated."""
+    known = {f.name: f.type for f in fields(ExperimentConfig)}
+    values: dict[str, Any] = {"dataset": dataset}
+    for key, value in preset(dataset).items():
+        values[key] = value
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        if key not in known:
+            raise ConfigError(f"unknown setting {key!r}; known settings: {', '.join(sorted(known))}")
+        if key == "dataset":
+            raise ConfigError("choose the dataset with --dataset, not --set")
+        values[key] = _parse(key, known[key], text)
+    return ExperimentConfig(**values).validate()
+
+
+def setting_names() -> list[str]:
+    return [f.name for f in fields(ExperimentConfig)]

@@ -1,0 +1,84 @@
+"""Runs of (dataset, method, seed) into run directories, skipping finished ones; the in-process executor."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from .config import METHODS, ConfigError, ExperimentConfig
+from .records import load_finished, run_dir, save_run
+from .search import hyperopt_search
+from .train import Problem, RunResult, fit
+
+
+def load_problem(config: ExperimentConfig) -> tuple[Problem, dict[str, Any]]:
+    """The dataset's Problem and facts about it (teacher accuracy) for the records."""
+    if config.dataset == "synthetic":
+        from .data.synthetic import synthetic_problem
+
+        problem, teacher_acc = synthetic_problem(config.data_seed, config.teacher_steps, config.teacher_lr)
+        return problem, {"teacher_test_acc": teacher_acc}
+    raise ConfigError(f"unknown dataset {config.dataset!r}")
+
+
+def run_identity(config: ExperimentConfig, method: str, seed: int) -> dict[str, Any]:
+    """What a run's result depends on; a finished run is reused only when this matches exactly."""
+    identity = {**dataclasses.asdict(config), "method": method, "seed": seed}
+    identity.pop("threads")  # changes speed, not results
+    return identity
+
+
+def run_one(config: ExperimentConfig, problem: Problem, method: str, seed: int,
+            progress: Callable[[int, int], None] | None = None) -> RunResult:
+    train_config = config.train_config()
+    if method == "hyperopt":
+        return hyperopt_search(problem, train_config, seed, config.hyperopt_trials, progress)
+    return fit(problem, config.strategy(method), train_config, seed, progress)
+
+
+def run_experiment(config: ExperimentConfig, methods: list[str], seeds: list[int], out: Path,
+                   quiet: bool = False, log: Callable[[str], None] = print) -> dict[str, list[dict]]:
+    """Run every (method, seed) not yet finished under `out`; returns {method: [result, ...]} for all of them.
+
+    Each run's records are written as soon as it finishes, so an interrupted experiment resumes
+    where it stopped when the same command is run again.
+    """
+    for method in methods:
+        if method not in METHODS:
+            raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    loaded: tuple[Problem, dict[str, Any]] | None = None
+    results: dict[str, list[dict]] = {}
+    for method in methods:
+        for seed in seeds:
+            directory = run_dir(out, config.dataset, method, seed)
+            identity = run_identity(config, method, seed)
+            finished = load_finished(directory, identity)
+            if finished is not None:
+                results.setdefault(method, []).append(finished)
+                continue
+            if loaded is None:
+                loaded = load_problem(config)
+            problem, facts = loaded
+            with tqdm(total=0, desc=f"{config.dataset} {method} run {seed}", unit="step", disable=quiet,
+                      leave=False, dynamic_ncols=True, mininterval=0.5) as bar:
+                def progress(done: int, total: int, bar: tqdm = bar) -> None:
+                    bar.total = total
+                    bar.update(done - bar.n)
+
+                result = run_one(config, problem, method, seed, progress)
+            result.extra.update(facts)
+            save_run(directory, identity, result)
+            summary = result.summary()
+            summary["evals"] = result.evals
+            results.setdefault(method, []).append(summary)
+            if not quiet:
+                log(f"{config.dataset} {method} run {seed}: test acc {result.final_test_acc:.4f}, "
+                    f"lambda1 {result.final_lambda1:.3f}, T {result.final_temperature:.3f}, {result.wall_s:.1f} s")
+    return results

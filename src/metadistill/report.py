@@ -1,0 +1,126 @@
+"""Results tables from recorded runs (never reruns anything): mean, sd, max, cost, the paper's column."""
+
+from __future__ import annotations
+
+import csv
+import io
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from .config import METHODS
+from .records import finished_runs, write_atomic
+
+# Test accuracy "mean (max)" over 10 runs, METHOD.md section 5.
+PAPER = {
+    "synthetic": {"no_distillation": "0.63 (0.63)", "naive": "0.63 (0.63)", "random": "0.64 (0.72)",
+                  "gradient": "0.77 (0.78)", "hyperopt": "0.77 (0.78)", "proposed": "0.76 (0.78)"},
+    "fashion-mnist": {"no_distillation": "0.87 (0.88)", "naive": "0.87 (0.88)", "random": "0.79 (0.88)",
+                      "gradient": "0.88 (0.89)", "hyperopt": "0.87 (0.88)", "proposed": "0.88 (0.89)"},
+    "cifar10-reduced": {"no_distillation": "0.55 (0.56)", "naive": "0.55 (0.56)", "random": "0.54 (0.57)",
+                        "gradient": "0.57 (0.61)", "hyperopt": "0.55 (0.58)", "proposed": "0.57"},
+    "cifar10": {"no_distillation": "0.65 (0.66)", "naive": "0.66 (0.67)", "random": "0.64 (0.67)",
+                "gradient": "0.70 (0.72)", "hyperopt": "-", "proposed": "0.70 (0.72)"},
+}
+COLUMNS = ["method", "runs", "mean", "sd", "max", "paper", "wall_s", "steps", "hypergrad_evals", "full_trainings"]
+
+
+def _order(method: str) -> tuple[int, str]:
+    return (METHODS.index(method) if method in METHODS else len(METHODS), method)
+
+
+def summarize(dataset: str, by_method: dict[str, list[dict]]) -> list[dict]:
+    """One row per method: test accuracy over runs (mean, sample sd, max) and mean cost per run."""
+    rows = []
+    for method in sorted(by_method, key=_order):
+        runs = by_method[method]
+        acc = np.array([r["final_test_acc"] for r in runs], dtype=float)
+        rows.append({
+            "method": method,
+            "runs": len(runs),
+            "mean": float(acc.mean()),
+            "sd": float(acc.std(ddof=1)) if len(acc) > 1 else float("nan"),
+            "max": float(acc.max()),
+            "paper": PAPER.get(dataset, {}).get(method, "-"),
+            "wall_s": float(np.mean([r["wall_s"] for r in runs])),
+            "steps": float(np.mean([r["steps"] for r in runs])),
+            "hypergrad_evals": float(np.mean([r["hypergrad_evals"] for r in runs])),
+            "full_trainings": float(np.mean([r["full_trainings"] for r in runs])),
+            "seeds": [r["seed"] for r in runs],
+        })
+    return rows
+
+
+def _fmt(value: object, digits: int = 3) -> str:
+    if isinstance(value, float):
+        if np.isnan(value):
+            return "-"
+        return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = ["method", "runs", "test acc mean (max)", "sd", "paper mean (max)", "wall s / run",
+              "student steps / run", "hypergradients / run", "full trainings / run"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join([
+            row["method"], str(row["runs"]), f"{row['mean']:.3f} ({row['max']:.3f})", _fmt(row["sd"]),
+            row["paper"], _fmt(row["wall_s"], 1), _fmt(row["steps"], 0), _fmt(row["hypergrad_evals"], 0),
+            _fmt(row["full_trainings"], 0)]) + " |")
+    return "\n".join(lines)
+
+
+def text_table(rows: list[dict]) -> str:
+    """The table for a terminal: fixed-width columns."""
+    header = ["method", "runs", "mean", "sd", "max", "paper", "wall s", "steps", "hypergrads", "trainings"]
+    body = [[r["method"], str(r["runs"]), _fmt(r["mean"]), _fmt(r["sd"]), _fmt(r["max"]), r["paper"],
+             _fmt(r["wall_s"], 1), _fmt(r["steps"], 0), _fmt(r["hypergrad_evals"], 0), _fmt(r["full_trainings"], 0)]
+            for r in rows]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *body])
+
+
+def environment() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"numpy {np.__version__}; {cpu}; {platform.system()} {platform.release()}")
+
+
+def write_report(out: Path, notes: dict[str, str] | None = None) -> dict[str, list[dict]]:
+    """report.md and results.csv under `out` from the finished runs; returns the rows per dataset."""
+    out = Path(out)
+    runs = finished_runs(out)
+    tables = {dataset: summarize(dataset, by_method) for dataset, by_method in sorted(runs.items())}
+    parts = ["# metadistill results", "",
+             "Final test accuracy over runs (run r uses seed r for every method): mean (max), sample sd; "
+             "cost is the mean per run. The paper's column is METHOD.md section 5 (10 runs).", ""]
+    for dataset, rows in tables.items():
+        parts += [f"## {dataset}", "", markdown_table(rows), ""]
+        if notes and dataset in notes:
+            parts += [notes[dataset], ""]
+    parts += ["## Environment", "", environment(), ""]
+    write_atomic(out / "report.md", "\n".join(parts))
+    write_atomic(out / "results.csv", csv_text(tables))
+    return tables
+
+
+def csv_text(tables: dict[str, list[dict]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["dataset", *COLUMNS], extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for dataset, rows in tables.items():
+        for row in rows:
+            writer.writerow({"dataset": dataset, **{k: (f"{v:.6g}" if isinstance(v, float) else v)
+                                                    for k, v in row.items()}})
+    return buffer.getvalue()

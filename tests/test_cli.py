@@ -1,0 +1,101 @@
+"""The command line: bad input, records, resume, report."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from metadistill.cli import main
+
+FAST = ["--set", "epochs=40", "--set", "eval_every=20", "--set", "teacher_steps=2000", "--quiet"]
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "metadistill.cli", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "--dataset", "imagenet", "--method", "naive"], "invalid choice: 'imagenet'"),
+    (["run", "--dataset", "synthetic", "--method", "magic"], "invalid choice: 'magic'"),
+    (["run", "--dataset", "synthetic", "--method", "naive", "--set", "lambda1=1.5"], "lambda1 must be in [0.0, 1.0]"),
+    (["run", "--dataset", "synthetic", "--method", "naive", "--set", "temperature=0.05"],
+     "temperature must be in [0.1, 10.0]"),
+    (["run", "--dataset", "synthetic", "--method", "naive", "--set", "temperature=hot"], "expects a float"),
+    (["run", "--dataset", "synthetic", "--method", "naive", "--set", "lr=nan"], "expects a float"),
+    (["run", "--dataset", "synthetic", "--method", "naive", "--set", "colour=red"], "unknown setting 'colour'"),
+    (["run", "--dataset", "synthetic", "--method", "naive", "--set", "window=1"], "window must be >= 2"),
+    (["run", "--dataset", "synthetic", "--method", "naive", "--runs", "0"], "positive integer"),
+    (["reproduce", "--dataset", "synthetic", "--methods", "naive,magic"], "unknown method(s) magic"),
+    (["report", "/nonexistent/records"], "no records directory"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):
+    try:
+        code = main(args)
+    except SystemExit as stop:  # argparse's own checks
+        code = stop.code
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], lines
+
+
+def test_bad_input_in_a_real_process_has_no_traceback():
+    done = cli("run", "--dataset", "synthetic", "--method", "naive", "--set", "lambda1=2")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_unwritable_out(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    done = cli("run", "--dataset", "synthetic", "--method", "naive", "--out", str(blocker / "sub"), *FAST)
+    assert done.returncode == 2 and "cannot write records" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_help_documents_every_option():
+    done = cli("reproduce", "--help")
+    for option in ["--dataset", "--runs", "--out", "--set", "--methods", "--epochs", "--quiet", "meta_lr", "window"]:
+        assert option in done.stdout
+
+
+def test_run_records_resume_and_conflict(tmp_path, capsys):
+    out = tmp_path / "records"
+    assert main(["run", "--dataset", "synthetic", "--method", "gradient", "--runs", "2", "--out", str(out), *FAST]) == 0
+    table = capsys.readouterr().out
+    assert "gradient" in table and "mean" in table
+    run0 = out / "synthetic" / "gradient" / "run_000"
+    assert {p.name for p in run0.iterdir()} >= {"config.json", "history.jsonl", "result.json"}
+    result = json.loads((run0 / "result.json").read_text())
+    assert result["hypergrad_evals"] == 40 and result["seed"] == 0 and len(result["evals"]) == 2
+    lines = (run0 / "history.jsonl").read_text().splitlines()
+    assert len(lines) == 40 and set(json.loads(lines[0])) >= {"lambda1", "temperature", "train_loss", "val_loss"}
+    assert (out / "report.md").exists() and (out / "results.csv").exists()
+
+    stamp = os.stat(run0 / "result.json").st_mtime_ns
+    assert main(["run", "--dataset", "synthetic", "--method", "gradient", "--runs", "3", "--out", str(out),
+                 *FAST]) == 0
+    assert os.stat(run0 / "result.json").st_mtime_ns == stamp  # finished run skipped
+    assert (out / "synthetic" / "gradient" / "run_002" / "result.json").exists()
+
+    code = main(["run", "--dataset", "synthetic", "--method", "gradient", "--runs", "1", "--out", str(out),
+                 *FAST, "--set", "meta_lr=0.5"])
+    assert code == 2 and "other settings (meta_lr differ)" in capsys.readouterr().err
+
+
+def test_reproduce_all_methods_and_report(tmp_path, capsys):
+    out = tmp_path / "records"
+    code = main(["reproduce", "--dataset", "synthetic", "--runs", "2", "--out", str(out), *FAST,
+                 "--set", "hyperopt_trials=2", "--set", "window=4", "--set", "period=3"])
+    assert code == 0
+    table = capsys.readouterr().out
+    for method in ["no_distillation", "naive", "random", "gradient", "hyperopt", "proposed"]:
+        assert method in table
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("dataset,method,runs,mean,sd,max") and len(csv_lines) == 7
+    hyper = [line for line in csv_lines if ",hyperopt," in line][0].split(",")
+    assert hyper[-1] == "3"  # 2 trials + 1 final training
+    report = (out / "report.md").read_text()
+    (out / "report.md").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.md").read_text().split("## Environment")[0] == report.split("## Environment")[0]

@@ -1,0 +1,71 @@
+"""The training loop and the hyperopt baseline on the synthetic task (short runs)."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from metadistill.config import build_config
+from metadistill.data.synthetic import STUDENT_FEATURES, SPLITS, synthetic_problem
+from metadistill.search import hyperopt_search
+from metadistill.train import DivergenceError, TrainConfig, fit
+
+SHORT = TrainConfig(epochs=60, batch_size=0, lr=1.0, t_val=0.1, eval_every=20)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    problem, teacher_acc = synthetic_problem(0, 3000, 0.01)
+    return problem
+
+
+def test_synthetic_splits_and_features(problem):
+    assert len(problem.x_train) == SPLITS["train"] and len(problem.x_val) == SPLITS["val"]
+    assert len(problem.x_test) == SPLITS["test"]
+    assert problem.x_train.shape[1] == len(STUDENT_FEATURES)
+    # the validation points are not test points (the original validated on the test set)
+    assert not any(torch.equal(v, t) for v in problem.x_val for t in problem.x_test)
+    assert problem.teacher_train.shape == (SPLITS["train"], 2)
+
+
+@pytest.mark.parametrize("method", ["no_distillation", "naive", "random", "gradient", "proposed"])
+def test_fit_is_seeded_and_counts_cost(problem, method):
+    config = build_config("synthetic", ["epochs=60", "eval_every=20", "window=4", "period=3"])
+    first = fit(problem, config.strategy(method), SHORT, seed=4)
+    again = fit(problem, config.strategy(method), SHORT, seed=4)
+    assert first.history == again.history and first.final_test_acc == again.final_test_acc
+    assert first.steps == 60 and len(first.history["lambda1"]) == 60
+    assert [e["step"] for e in first.evals] == [20, 40, 60]
+    expected = {"gradient": 60, "proposed": sum(1 for t in range(60) if (t // 4) % 3 == 0)}.get(method, 0)
+    assert first.hypergrad_evals == expected
+    assert sum(v is not None for v in first.history["val_loss"]) == expected
+    assert 0.0 <= first.final_test_acc <= 1.0
+
+
+def test_gradient_method_moves_lambda_and_other_seeds_differ(problem):
+    config = build_config("synthetic", [])
+    a = fit(problem, config.strategy("gradient"), SHORT, seed=0)
+    b = fit(problem, config.strategy("gradient"), SHORT, seed=1)
+    assert a.history["lambda1"][0] != a.history["lambda1"][-1]
+    assert a.history["lambda1"] != b.history["lambda1"]
+
+
+def test_divergence_is_reported(problem):
+    broken = dataclasses.replace(problem, teacher_train=torch.full_like(problem.teacher_train, math.nan))
+    config = build_config("synthetic", [])
+    with pytest.raises(DivergenceError, match="diverged at step 0"):
+        fit(broken, config.strategy("naive"), SHORT, seed=0)
+
+
+def test_hyperopt_budget_and_validation_only_choice(problem):
+    result = hyperopt_search(problem, SHORT, seed=2, trials=3)
+    trials = result.extra["trials"]
+    assert len(trials) == 3 and result.full_trainings == 4
+    assert result.steps == 4 * SHORT.epochs
+    best = max(trials, key=lambda t: t["val_acc"])
+    assert (result.final_lambda1, result.final_temperature) == (best["lambda1"], best["temperature"])
+    # deterministic training: the final training reproduces the chosen trial's validation score
+    assert result.final_val_acc == best["val_acc"]
+    again = hyperopt_search(problem, SHORT, seed=2, trials=3)
+    assert again.extra["trials"] == [{**t, "wall_s": a["wall_s"]} for t, a in zip(trials, again.extra["trials"])]
