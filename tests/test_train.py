@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from metadistill.config import build_config
-from metadistill.data.synthetic import STUDENT_FEATURES, SPLITS, synthetic_problem
+from metadistill.data.synthetic import SPLITS, STUDENT_FEATURES, synthetic_problem
 from metadistill.search import hyperopt_search
 from metadistill.train import DivergenceError, TrainConfig, fit
 
