@@ -17,7 +17,8 @@ The machine is assumed shared and noisy: every variant is warmed up, then the va
 round-robin (each round times every variant over a few consecutive steps, or one whole block for
 the proposed method), and the median per-step time over rounds is reported.
 
-Run: python bench/hypergrad_cost.py [--steps N] [--repeats K] [--warmup W] [--seed S]  (about 1.5 min on 2 cores)
+Run: python bench/hypergrad_cost.py [--steps N] [--repeats K] [--warmup W] [--budget S] [--seed S]
+(about 1.5 min on an idle 2-core CPU; `--budget` caps it on a busy one)
 """
 
 from __future__ import annotations
@@ -173,16 +174,22 @@ def per_step_seconds(step: Callable[[], object], count: int) -> float:
     return (time.perf_counter() - started) / count
 
 
-def benchmark(variants: list[Variant], warmup: int, repeats: int) -> dict[str, list[float]]:
-    """`warmup` untimed rounds, then `repeats` timed round-robin rounds; per-step seconds of every round.
+def benchmark(variants: list[Variant], warmup: int, repeats: int, budget_s: float) -> dict[str, list[float]]:
+    """`warmup` untimed rounds, then up to `repeats` timed round-robin rounds; per-step seconds by name.
 
-    Warming up in whole rounds keeps the proposed method's timed blocks aligned with its cycles.
+    Warming up in whole rounds keeps the proposed method's timed blocks aligned with its cycles. No
+    round starts once `budget_s` seconds have passed (0: no limit), but at least one is always timed.
     """
+    started = time.perf_counter()
     samples: dict[str, list[float]] = {variant.name: [] for variant in variants}
     for round_index in range(warmup + repeats):
+        timed = round_index >= warmup
+        if timed and round_index > warmup and 0 < budget_s < time.perf_counter() - started:
+            print(f"time budget of {budget_s:g} s spent: stopped after {round_index - warmup} timed rounds")
+            break
         for variant in variants:
             seconds = per_step_seconds(variant.step, variant.steps_per_round)
-            if round_index >= warmup:
+            if timed:
                 samples[variant.name].append(seconds)
     return samples
 
@@ -197,12 +204,17 @@ def cpu_model() -> str:
 
 
 def report(samples: dict[str, list[float]]) -> None:
+    """The table of medians (with quartiles, minimum and the median of same-round ratios), the ratio
+    lines and the acceptance checks."""
     medians = {name: statistics.median(times) for name, times in samples.items()}
-    print(f"\n{'variant':<18} {'median ms/step':>14} {'q1':>8} {'q3':>8} {'min':>8} {'rounds':>7}")
+    plain = samples["plain"]
+    print(f"\n{'variant':<18} {'median ms/step':>14} {'q1':>8} {'q3':>8} {'min':>8} {'paired':>7} {'rounds':>7}")
     for name, times in samples.items():
         q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
+        paired = statistics.median(t / p for t, p in zip(times, plain))
         print(f"{name:<18} {1e3 * medians[name]:>14.2f} {1e3 * q1:>8.2f} {1e3 * q3:>8.2f} "
-              f"{1e3 * min(times):>8.2f} {len(times):>7d}")
+              f"{1e3 * min(times):>8.2f} {paired:>7.2f} {len(times):>7d}")
+    print("(paired: median over rounds of the time over plain's time in the same round)")
     print()
     ratios = {name: medians[name] / medians["plain"] for name in RATIO_NAMES}
     for name, ratio in ratios.items():
@@ -225,10 +237,12 @@ def main(argv: list[str] | None = None) -> None:
                              f"which is always timed over one {BLOCK}-step block (default 5)")
     parser.add_argument("--repeats", type=int, default=30, help="number of timed round-robin rounds (default 30)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds before them (default 1)")
+    parser.add_argument("--budget", type=float, default=150.0,
+                        help="start no timed round after this many seconds; 0: no limit (default 150)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and of the initial weights")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
-        parser.error("--steps and --repeats must be >= 1, --warmup >= 0")
+    if args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.budget < 0:
+        parser.error("--steps and --repeats must be >= 1, --warmup and --budget >= 0")
 
     data = Data.random(args.seed)
     variants = [
@@ -242,9 +256,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"fashion_student: {count_parameters(fashion_student())} parameters; batch {BATCH}, "
           f"validation batch {VAL_BATCH}, SGD lr {LR}, lambda1 {LAM.lambda1}, T {LAM.temperature}")
     print(f"{args.repeats} rounds of {args.steps} steps per variant ({BLOCK}-step blocks for the proposed "
-          f"method), after {args.warmup} warm-up round(s)")
+          f"method), after {args.warmup} warm-up round(s); "
+          f"time budget {args.budget:g} s")
     started = time.perf_counter()
-    samples = benchmark(variants, args.warmup, args.repeats)
+    samples = benchmark(variants, args.warmup, args.repeats, args.budget)
     print(f"timed in {time.perf_counter() - started:.1f} s")
     report(samples)
 
