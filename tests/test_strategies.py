@@ -100,7 +100,7 @@ def test_proposed_predictions_continue_the_fitted_line():
         assert lams[t].lambda1 == pytest.approx(0.5 - 0.004 * t)
         assert lams[t].temperature == pytest.approx(5.0 + 0.01 * t)
     # The value recorded after the update at z = 0..m-1 is lams[z + 1]; the line through them is
-    # evaluated at z = m..P*m-1 for the prediction steps (METHOD.md's indexing: one step ahead).
+    # evaluated at z = m..P*m-1 for the prediction steps (the paper's indexing: one step ahead).
     for z in range(window, window * period):
         step = z  # first cycle: step index equals its position in the cycle
         assert lams[step].lambda1 == pytest.approx(0.5 - 0.004 * (z + 1))

@@ -73,7 +73,7 @@ def run_experiment(config: ExperimentConfig, methods: list[str], seeds: list[int
                     bar.update(done - bar.n)
 
                 result = run_one(config, problem, method, seed, progress)
-            result.extra.update(facts)
+            result.extra.update(facts, torch=torch.__version__, threads=torch.get_num_threads())
             save_run(directory, identity, result)
             summary = result.summary()
             summary["evals"] = result.evals

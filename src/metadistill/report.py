@@ -12,7 +12,7 @@ import numpy as np
 from .config import METHODS
 from .records import finished_runs, write_atomic
 
-# Test accuracy "mean (max)" over 10 runs, METHOD.md section 5.
+# The paper's table: test accuracy "mean (max)" over 10 runs.
 PAPER = {
     "synthetic": {"no_distillation": "0.63 (0.63)", "naive": "0.63 (0.63)", "random": "0.64 (0.72)",
                   "gradient": "0.77 (0.78)", "hyperopt": "0.77 (0.78)", "proposed": "0.76 (0.78)"},
@@ -104,12 +104,21 @@ def write_report(out: Path, notes: dict[str, str] | None = None) -> dict[str, li
     tables = {dataset: summarize(dataset, by_method) for dataset, by_method in sorted(runs.items())}
     parts = ["# metadistill results", "",
              "Final test accuracy over runs (run r uses seed r for every method): mean (max), sample sd; "
-             "cost is the mean per run. The paper's column is METHOD.md section 5 (10 runs).", ""]
+             "cost is the mean per run. The paper's column is its table (10 runs).", ""]
     for dataset, rows in tables.items():
         parts += [f"## {dataset}", "", markdown_table(rows), ""]
+        teacher = sorted({run["extra"]["teacher_test_acc"] for method_runs in runs[dataset].values()
+                          for run in method_runs if "teacher_test_acc" in run.get("extra", {})})
+        if teacher:
+            parts += ["Teacher test accuracy: " + ", ".join(f"{acc:.3f}" for acc in teacher) + ".", ""]
         if notes and dataset in notes:
             parts += [notes[dataset], ""]
-    parts += ["## Environment", "", environment(), ""]
+    recorded = sorted({f"torch {run['extra']['torch']} on {run['extra']['threads']} thread(s)"
+                       for by_method in runs.values() for method_runs in by_method.values()
+                       for run in method_runs if "torch" in run.get("extra", {})})
+    parts += ["## Environment", "", "Report built with " + environment() + ".", ""]
+    if recorded:
+        parts += ["Runs recorded with " + "; ".join(recorded) + ".", ""]
     write_atomic(out / "report.md", "\n".join(parts))
     write_atomic(out / "results.csv", csv_text(tables))
     return tables

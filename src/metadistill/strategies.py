@@ -130,7 +130,7 @@ class MetaOptimizer:
 
 
 class Gradient(Strategy):
-    """Greedy hypergradient step on lambda after every training step (METHOD.md section 2).
+    """Greedy hypergradient step on lambda after every training step.
 
     Starts from `lambda1` / `temperature` where given, else from the run's random draw.
     """
