@@ -10,7 +10,15 @@ from metadistill import Metaparameters, greedy_hypergradient
 from metadistill.hypergrad import TrainStep, UpdateMap, step_hypergradient
 from metadistill.jvp import generic_jvp, record_activations, tape_jvp
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """The oracle comparisons run in float64; the default is restored for the other test modules."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 class Functional(nn.Module):
