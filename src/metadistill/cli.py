@@ -8,7 +8,8 @@ from pathlib import Path
 
 from .config import DATASETS, METHOD_HELP, METHODS, ConfigError, build_config, setting_names
 from .experiment import run_experiment
-from .records import RecordError, check_writable
+from .plots import write_figures
+from .records import RecordError, check_writable, finished_runs
 from .report import summarize, text_table, write_report
 from .train import DivergenceError
 
@@ -72,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Rebuild report.md and results.csv from the records alone.")
     report.add_argument("dir", type=Path, help="a records directory written by run or reproduce")
     report.set_defaults(func=_report)
+    plot = commands.add_parser("plot", help="rebuild the figures (PNG) from the records in DIR",
+                               description="Rebuild DIR/figures/*.png (trajectories of lambda1 and T, test accuracy "
+                               "against epoch, accuracy against cost) and report.md from the records alone.")
+    plot.add_argument("dir", type=Path, help="a records directory written by run or reproduce")
+    plot.set_defaults(func=_plot)
     return parser
 
 
@@ -88,9 +94,10 @@ def _experiment(args: argparse.Namespace, methods: list[str]) -> int:
     check_writable(args.out)
     seeds = list(range(args.runs))
     results = run_experiment(config, methods, seeds, args.out, quiet=args.quiet)
+    write_figures(args.out)
     write_report(args.out)
     print(text_table(summarize(config.dataset, results)))
-    print(f"records, report.md and results.csv in {args.out}")
+    print(f"records, report.md, results.csv and figures/ in {args.out}")
     return 0
 
 
@@ -108,12 +115,26 @@ def _reproduce(args: argparse.Namespace) -> int:
     return _experiment(args, methods)
 
 
+def _plot(args: argparse.Namespace) -> int:
+    _require_records(args.dir)
+    made = write_figures(args.dir)
+    write_report(args.dir)
+    for paths in made.values():
+        for path in paths:
+            print(path)
+    return 0
+
+
+def _require_records(directory: Path) -> None:
+    if not directory.is_dir():
+        raise RecordError(f"no records directory at {directory}")
+    if not finished_runs(directory):
+        raise RecordError(f"no finished runs under {directory}")
+
+
 def _report(args: argparse.Namespace) -> int:
-    if not args.dir.is_dir():
-        raise RecordError(f"no records directory at {args.dir}")
+    _require_records(args.dir)
     tables = write_report(args.dir)
-    if not tables:
-        raise RecordError(f"no finished runs under {args.dir}")
     for dataset, rows in tables.items():
         print(f"{dataset}\n{text_table(rows)}\n")
     print(f"report.md and results.csv rebuilt in {args.dir}")

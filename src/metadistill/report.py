@@ -113,6 +113,11 @@ def write_report(out: Path, notes: dict[str, str] | None = None) -> dict[str, li
             parts += ["Teacher test accuracy: " + ", ".join(f"{acc:.3f}" for acc in teacher) + ".", ""]
         if notes and dataset in notes:
             parts += [notes[dataset], ""]
+        for figure, caption in (("trajectories", "lambda1 and T against step (gradient and proposed)"),
+                                ("accuracy", "test accuracy against epoch"),
+                                ("cost", "final test accuracy against cost")):
+            if (out / "figures" / f"{dataset}_{figure}.png").exists():
+                parts += [f"![{dataset}: {caption}](figures/{dataset}_{figure}.png)", ""]
     recorded = sorted({f"torch {run['extra']['torch']} on {run['extra']['threads']} thread(s)"
                        for by_method in runs.values() for method_runs in by_method.values()
                        for run in method_runs if "torch" in run.get("extra", {})})

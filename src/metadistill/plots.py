@@ -1,0 +1,153 @@
+"""Figures from recorded runs (never reruns anything): trajectories, accuracy per epoch, accuracy against cost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .config import METHODS  # noqa: E402
+from .records import CONFIG, finished_runs, load_history  # noqa: E402
+
+# A step with a jvp hypergradient costs about 2.5 plain steps (bench/hypergrad_cost.py), so one
+# hypergradient evaluation is counted as 1.5 plain-step equivalents on top of its step.
+HYPERGRADIENT_COST = 1.5
+COLORS = dict(zip(METHODS, ["#7f7f7f", "#bcbd22", "#17becf", "#d62728", "#9467bd", "#1f77b4"], strict=True))
+LABELS = {"no_distillation": "no distillation", "naive": "naive", "random": "random", "gradient": "gradient",
+          "hyperopt": "hyperopt", "proposed": "proposed"}
+
+
+def _band(ax, x, values, color, label, log=False):
+    """Mean +- sd over runs (rows of `values`); on a log axis both are taken of log10 of the values."""
+    values = np.asarray(values, dtype=float)
+    if log:
+        logs = np.log10(values)
+        mean, low, high = (10 ** (logs.mean(0) + k * logs.std(0)) for k in (0, -1, 1))
+    else:
+        mean, sd = values.mean(0), values.std(0)
+        low, high = mean - sd, mean + sd
+    ax.plot(x, mean, color=color, label=label, linewidth=1.6)
+    if len(values) > 1:
+        ax.fill_between(x, low, high, color=color, alpha=0.15, linewidth=0)
+
+
+def trajectories(dataset: str, by_method: dict[str, list[dict]], path: Path) -> Path | None:
+    """lambda1 and T against step for gradient and proposed: every run (thin), mean +- sd (band); a zoom
+    on run 0's first cycles shows the proposed method's hypergradient steps and predicted windows."""
+    methods = [m for m in ("gradient", "proposed") if m in by_method]
+    if not methods:
+        return None
+    histories = {m: [load_history(Path(r["dir"])) for r in by_method[m]] for m in methods}
+    fig, axes = plt.subplots(2, 2, figsize=(12, 6.5), gridspec_kw={"width_ratios": [2, 1]})
+    zoom_steps = None
+    if "proposed" in methods:
+        config = json.loads((Path(by_method["proposed"][0]["dir"]) / CONFIG).read_text())
+        window, period = config["window"], config["period"]
+        zoom_steps = min(4 * window * period, len(histories["proposed"][0]))
+    rows = (("lambda1", "lambda1 (weight of hard labels)", False), ("temperature", "T (log scale)", True))
+    for row, (key, name, log) in enumerate(rows):
+        ax, zoom = axes[row]
+        for method in methods:
+            runs = histories[method]
+            length = min(len(h) for h in runs)
+            values = [[step[key] for step in h[:length]] for h in runs]
+            for run in values:
+                ax.plot(np.arange(length), run, color=COLORS[method], linewidth=0.5, alpha=0.35)
+            _band(ax, np.arange(length), values, COLORS[method],
+                  f"{LABELS[method]}: mean ± sd of {len(runs)} runs (thin: each run)", log)
+            if zoom_steps:
+                zoom.plot(np.arange(zoom_steps), values[0][:zoom_steps], color=COLORS[method], linewidth=1,
+                          label=f"{LABELS[method]}, run {by_method[method][0]['seed']}")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        if log:
+            ax.set_yscale("log")
+        if zoom_steps:
+            steps = np.arange(zoom_steps)
+            predicted = (steps // window) % period != 0
+            run0 = np.array([s[key] for s in histories["proposed"][0][:zoom_steps]])
+            for start in steps[predicted & (steps % window == 0)]:
+                zoom.axvspan(start - 0.5, start + window * (period - 1) - 0.5, color="0.85", linewidth=0)
+            zoom.scatter(steps[~predicted], run0[~predicted], s=10, color=COLORS["proposed"], zorder=3,
+                         label="proposed: hypergradient step")
+            zoom.scatter(steps[predicted], run0[predicted], s=10, facecolors="none", zorder=3,
+                         edgecolors=COLORS["proposed"], label="proposed: predicted (grey windows)")
+            zoom.set_title(f"zoom: first {zoom_steps} steps (m = {window}, P = {period})", fontsize=10)
+            zoom.grid(alpha=0.3)
+    axes[0][0].set_title(f"{dataset}: metaparameter trajectories")
+    axes[1][0].set_xlabel("training step")
+    axes[1][1].set_xlabel("training step")
+    axes[0][0].legend(fontsize=8, loc="best")
+    if zoom_steps:
+        axes[0][1].legend(fontsize=7, loc="best")
+    else:
+        for ax in axes[:, 1]:
+            ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def accuracy_curves(dataset: str, by_method: dict[str, list[dict]], path: Path) -> Path:
+    """Test accuracy at every evaluation point (per epoch) per method, mean +- sd over runs."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for method in sorted(by_method, key=lambda m: METHODS.index(m) if m in METHODS else 99):
+        runs = by_method[method]
+        length = min(len(r["evals"]) for r in runs)
+        epochs = [e["epoch"] for e in runs[0]["evals"][:length]]
+        _band(ax, epochs, [[e["test_acc"] for e in r["evals"][:length]] for r in runs],
+              COLORS.get(method, "black"), f"{LABELS.get(method, method)} ({len(runs)} runs)")
+    ax.set_xlabel("epoch (full passes over the training split)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{dataset}: test accuracy during training (mean ± sd over runs)"
+                 + ("; hyperopt: its final training" if "hyperopt" in by_method else ""), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def accuracy_vs_cost(dataset: str, by_method: dict[str, list[dict]], path: Path) -> Path:
+    """Final test accuracy (each run, and the mean) against cost in plain-step equivalents."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for position, method in enumerate(sorted(by_method, key=lambda m: METHODS.index(m) if m in METHODS else 99)):
+        runs = by_method[method]
+        # methods of equal cost (the fixed-lambda ones) are drawn side by side, 3% apart
+        cost = np.array([r["steps"] + HYPERGRADIENT_COST * r["hypergrad_evals"] for r in runs]) * 1.03**position
+        acc = np.array([r["final_test_acc"] for r in runs])
+        color = COLORS.get(method, "black")
+        ax.scatter(cost, acc, s=14, color=color, alpha=0.45)
+        ax.errorbar(cost.mean(), acc.mean(), yerr=acc.std(ddof=1) if len(acc) > 1 else None, fmt="D",
+                    color=color, markersize=8, capsize=4, label=f"{LABELS.get(method, method)} (mean ± sd)")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"cost per run, plain-step equivalents (steps + {HYPERGRADIENT_COST} × hypergradients)")
+    ax.set_ylabel("final test accuracy")
+    ax.set_title(f"{dataset}: accuracy against cost (dots: runs; equal costs drawn side by side)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_figures(out: Path) -> dict[str, list[Path]]:
+    """All figures for every dataset under `out`, into out/figures/; returns the paths per dataset."""
+    out = Path(out)
+    folder = out / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    made: dict[str, list[Path]] = {}
+    for dataset, by_method in sorted(finished_runs(out).items()):
+        paths = [trajectories(dataset, by_method, folder / f"{dataset}_trajectories.png"),
+                 accuracy_curves(dataset, by_method, folder / f"{dataset}_accuracy.png"),
+                 accuracy_vs_cost(dataset, by_method, folder / f"{dataset}_cost.png")]
+        made[dataset] = [p for p in paths if p is not None]
+    return made
