@@ -99,3 +99,41 @@ def test_reproduce_all_methods_and_report(tmp_path, capsys):
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0
     assert (out / "report.md").read_text().split("## Environment")[0] == report.split("## Environment")[0]
+
+
+def test_interrupted_reproduce_resumes_without_redoing_finished_runs(tmp_path):
+    """Killed (SIGKILL), then interrupted (Ctrl-C), then rerun: finished runs are never redone."""
+    import signal
+    import time
+
+    out = tmp_path / "records"
+    command = [sys.executable, "-m", "metadistill.cli", "reproduce", "--dataset", "synthetic", "--runs", "3",
+               "--methods", "naive,gradient", "--out", str(out), "--set", "epochs=1500",
+               "--set", "teacher_steps=2000", "--quiet"]
+
+    def finished():
+        return {p: p.stat().st_mtime_ns for p in out.glob("*/*/run_*/result.json")}
+
+    def start_and_stop_after(count, sig):
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while len(finished()) < count and process.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        process.send_signal(sig)
+        _, err = process.communicate(timeout=120)
+        return process.returncode, err
+
+    code, _ = start_and_stop_after(1, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    first = finished()
+    assert 1 <= len(first) < 6
+    code, err = start_and_stop_after(len(first) + 1, signal.SIGINT)
+    second = finished()
+    if len(second) < 6:  # it was interrupted mid-way, as intended
+        assert code == 130 and "rerun the same command to resume" in err
+    assert all(second[p] == stamp for p, stamp in first.items())
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    third = finished()
+    assert len(third) == 6
+    assert all(third[p] == stamp for p, stamp in second.items())

@@ -11,7 +11,6 @@ from metadistill.hypergrad import TrainStep, UpdateMap, step_hypergradient
 from metadistill.jvp import generic_jvp, record_activations, tape_jvp
 
 
-
 @pytest.fixture(autouse=True)
 def float64():
     """The oracle comparisons run in float64; the default is restored for the other test modules."""
