@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import DATASETS, METHOD_HELP, METHODS, ConfigError, build_config, setting_names
-from .experiment import run_experiment
+from .config import DATASETS, METHOD_HELP, METHODS, ConfigError, ExperimentConfig, build_config, preset, setting_names
+from .data.vision import DataError
+from .experiment import load_vision_config, run_experiment, train_or_load_teacher
 from .plots import write_figures
 from .records import RecordError, check_writable, finished_runs
 from .report import summarize, text_table, write_report
@@ -36,19 +37,31 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, choices=DATASETS, help="experiment of the paper to run")
-    parser.add_argument("--runs", type=_positive_int, default=10,
-                        help="number of runs per method; run r uses seed r for every method (default 10)")
-    parser.add_argument("--out", type=Path, default=Path("runs"),
-                        help="records directory: DATASET/METHOD/run_SEED/ with config.json, history.jsonl, "
-                             "result.json; report.md and results.csv at its top (default ./runs)")
+    parser.add_argument("--data-dir", help="folder with the official dataset files (Fashion-MNIST's four IDX files, "
+                        "gzipped or not, directly or under FashionMNIST/raw/; CIFAR-10's cifar-10-batches-py/); "
+                        "otherwise $METADISTILL_DATA, then /usr/share/datasets/fashion-mnist (Debian package "
+                        "dataset-fashion-mnist) are searched")
+    parser.add_argument("--download", action="store_true", help="download missing dataset files with torchvision")
+    parser.add_argument("--quick", action="store_true",
+                        help="the preset's quick variant: a small subset, 1-2 epochs, 2 runs (for smoke tests)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of the dataset's preset, repeatable; e.g. --set lambda1=0.3 "
                              "--set temperature=4 (fix naive's / initialise gradient and proposed), --set "
                              "meta_lr=0.1, --set window=10 --set period=2. Settings: " + ", ".join(setting_names()))
-    parser.add_argument("--epochs", type=_positive_int, help="shorthand for --set epochs=N")
     parser.add_argument("--device", help="shorthand for --set device=D (cpu, cuda)")
+
+
+def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
+    _add_data_options(parser)
+    parser.add_argument("--runs", type=_positive_int,
+                        help="number of runs per method; run r uses seed r for every method "
+                             "(default: the preset's, 10; 2 with --quick)")
+    parser.add_argument("--out", type=Path, default=Path("runs"),
+                        help="records directory: DATASET/METHOD/run_SEED/ with config.json, history.jsonl, "
+                             "result.json; report.md and results.csv at its top (default ./runs)")
+    parser.add_argument("--epochs", type=_positive_int, help="shorthand for --set epochs=N")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
 
 
@@ -78,21 +91,46 @@ def build_parser() -> argparse.ArgumentParser:
                                "against epoch, accuracy against cost) and report.md from the records alone.")
     plot.add_argument("dir", type=Path, help="a records directory written by run or reproduce")
     plot.set_defaults(func=_plot)
+    teacher = commands.add_parser("teacher", help="train (or load from the cache) the teacher of an image dataset",
+                                  description="Train the dataset's teacher with flip + crop augmentation on the "
+                                  "train split, or load it from the cache (checkpoint, train-set logits, test "
+                                  "accuracy), keyed by everything that determines it.")
+    _add_data_options(teacher)
+    teacher.add_argument("--arch", help="teacher architecture (default: the preset's teacher_arch)")
+    teacher.add_argument("--quiet", action="store_true", help="no progress bars")
+    teacher.set_defaults(func=_teacher)
     return parser
 
 
-def _experiment(args: argparse.Namespace, methods: list[str]) -> int:
-    overrides = list(args.overrides)
-    if args.epochs is not None:
-        overrides.append(f"epochs={args.epochs}")
+def _config(args: argparse.Namespace, extra: list[str]) -> ExperimentConfig:
+    overrides = list(args.overrides) + extra
     if args.device is not None:
         overrides.append(f"device={args.device}")
-    config = build_config(args.dataset, overrides)
+    if args.data_dir is not None:
+        overrides.append(f"data_dir={args.data_dir}")
+    if args.download:
+        overrides.append("download=true")
+    return build_config(args.dataset, overrides, quick=args.quick)
+
+
+def _teacher(args: argparse.Namespace) -> int:
+    config = _config(args, [f"teacher_arch={args.arch}"] if args.arch else [])
+    if config.dataset == "synthetic":
+        raise ConfigError("the synthetic task's teacher is trained with its data; use run or reproduce")
+    data = load_vision_config(config)
+    teacher = train_or_load_teacher(config, data, progress=not args.quiet)
+    how = f"trained in {teacher.seconds:.0f} s" if teacher.trained else "loaded from the cache"
+    print(f"{config.dataset} teacher {teacher.arch}: test accuracy {teacher.test_acc:.4f} ({how}; {teacher.path})")
+    return 0
+
+
+def _experiment(args: argparse.Namespace, methods: list[str]) -> int:
+    config = _config(args, [f"epochs={args.epochs}"] if args.epochs is not None else [])
     unused = [m for m in methods if m in ("no_distillation", "random", "hyperopt")]
     if (config.lambda1 is not None or config.temperature is not None) and unused and not args.quiet:
         print(f"note: lambda1/temperature do not apply to {', '.join(unused)}", file=sys.stderr)
     check_writable(args.out)
-    seeds = list(range(args.runs))
+    seeds = list(range(args.runs or preset(args.dataset, args.quick).get("runs", 10)))
     results = run_experiment(config, methods, seeds, args.out, quiet=args.quiet)
     write_figures(args.out)
     write_report(args.out)
@@ -145,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, RecordError) as error:
+    except (ConfigError, RecordError, DataError) as error:
         print(f"metadistill: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except DivergenceError as error:

@@ -17,9 +17,13 @@ else:  # pragma: no cover
 from .hypergrad import HYPERGRADIENT_METHODS
 from .meta import LAMBDA1_BOUNDS, TEMPERATURE_BOUNDS, Metaparameters
 from .strategies import META_OPTIMIZERS, Fixed, Gradient, LinearTrajectory, MetaOptimizer, Random, Strategy
+from .teacher_models import TEACHERS
 from .train import OPTIMIZERS, TrainConfig
 
-DATASETS = ("synthetic",)
+DATASETS = ("synthetic", "fashion-mnist", "cifar10-reduced", "cifar10")
+# Settings that say where things are or how fast they run, not what is computed: a finished run is
+# reused whatever their values.
+NOT_IDENTITY = ("threads", "data_dir", "download", "cache_dir")
 METHODS = ("no_distillation", "naive", "random", "gradient", "hyperopt", "proposed")
 METHOD_HELP = {
     "no_distillation": "lambda1 = 1 (hard labels only)",
@@ -68,8 +72,15 @@ class ExperimentConfig:
     period: int = 2
     hyperopt_trials: int = 5
     # data and teacher
-    data_seed: int = 0
-    teacher_steps: int = 20000
+    data_seed: int = 0  # synthetic data draw; seed of the teacher's training
+    subset: int = 0  # image datasets: 0 = all; N = first N train, N // 4 validation, N // 2 test images
+    data_dir: str = ""  # image datasets: where the official files are ("" = search $METADISTILL_DATA, ...)
+    download: bool = False
+    cache_dir: str = ""  # trained teachers ("" = $METADISTILL_CACHE or ~/.cache/metadistill)
+    teacher_arch: str = ""
+    teacher_epochs: int = 0
+    teacher_batch_size: int = 128
+    teacher_steps: int = 20000  # synthetic teacher: full-batch gradient-descent steps
     teacher_lr: float = 0.01
 
     def validate(self) -> ExperimentConfig:
@@ -89,11 +100,19 @@ class ExperimentConfig:
             (self.teacher_steps >= 1, "teacher_steps must be >= 1"),
             (math.isfinite(self.teacher_lr) and self.teacher_lr > 0, "teacher_lr must be > 0"),
             (self.data_seed >= 0, "data_seed must be >= 0"),
+            (self.subset >= 0, "subset must be >= 0 (0: the whole dataset)"),
+            (self.teacher_epochs >= 0, "teacher_epochs must be >= 0"),
+            (self.teacher_batch_size >= 1, "teacher_batch_size must be >= 1"),
             (self.threads >= 0, "threads must be >= 0 (0: torch's default)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.dataset != "synthetic":
+            if self.teacher_arch not in TEACHERS:
+                raise ConfigError(f"teacher_arch must be one of {', '.join(TEACHERS)}, got {self.teacher_arch!r}")
+            if self.teacher_epochs < 1:
+                raise ConfigError("teacher_epochs must be >= 1")
         try:
             self.train_config()
         except ValueError as error:
@@ -153,20 +172,24 @@ def _parse(name: str, kind: Any, text: str) -> Any:
     return text
 
 
-def preset(dataset: str) -> dict[str, Any]:
-    """The paper's settings for `dataset`, from presets/<dataset>.toml."""
+def preset(dataset: str, quick: bool = False) -> dict[str, Any]:
+    """The paper's settings for `dataset` from presets/<dataset>.toml; with `quick`, its [quick] table
+    (a small subset, 1-2 epochs) on top. The key "runs" is the default number of runs."""
     if dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     text = resources.files("metadistill").joinpath("presets", f"{dataset}.toml").read_text()
-    return tomllib.loads(text)
+    table = tomllib.loads(text)
+    quick_table = table.pop("quick", {})
+    return {**table, **quick_table} if quick else table
 
 
-def build_config(dataset: str, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Defaults, then the dataset's preset, then `key=value` overrides; validated."""
+def build_config(dataset: str, overrides: list[str] | None = None, quick: bool = False) -> ExperimentConfig:
+    """Defaults, then the dataset's preset (quick or not), then `key=value` overrides; validated."""
     known = {f.name: f.type for f in fields(ExperimentConfig)}
     values: dict[str, Any] = {"dataset": dataset}
-    for key, value in preset(dataset).items():
-        values[key] = value
+    for key, value in preset(dataset, quick).items():
+        if key != "runs":
+            values[key] = value
     for item in overrides or []:
         key, sep, text = item.partition("=")
         key = key.strip().replace("-", "_")

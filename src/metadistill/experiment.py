@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,26 +11,56 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .config import METHODS, ConfigError, ExperimentConfig
+from .config import METHODS, NOT_IDENTITY, ConfigError, ExperimentConfig
+from .data.vision import VisionData, load_vision
+from .models import STUDENTS
 from .records import load_finished, run_dir, save_run
 from .search import hyperopt_search
+from .teacher import TeacherResult, get_teacher
 from .train import Problem, RunResult, fit
 
 
-def load_problem(config: ExperimentConfig) -> tuple[Problem, dict[str, Any]]:
+def load_problem(config: ExperimentConfig, progress: bool = True) -> tuple[Problem, dict[str, Any]]:
     """The dataset's Problem and facts about it (teacher accuracy) for the records."""
     if config.dataset == "synthetic":
         from .data.synthetic import synthetic_problem
 
         problem, teacher_acc = synthetic_problem(config.data_seed, config.teacher_steps, config.teacher_lr)
         return problem, {"teacher_test_acc": teacher_acc}
-    raise ConfigError(f"unknown dataset {config.dataset!r}")
+    data = load_vision_config(config)
+    teacher = train_or_load_teacher(config, data, progress)
+    problem = Problem(data.x_train, data.y_train, teacher.train_logits, data.x_val, data.y_val, data.x_test,
+                      data.y_test, make_student=STUDENTS[config.dataset.removesuffix("-reduced")])
+    return problem, {"teacher_test_acc": teacher.test_acc, "teacher_arch": teacher.arch}
+
+
+def load_vision_config(config: ExperimentConfig) -> VisionData:
+    """The image dataset of `config`, cut to `subset` when set."""
+    data = load_vision(config.dataset, config.data_dir or None, config.download)
+    if config.subset:
+        sizes = {"train": config.subset, "val": max(config.subset // 4, 1), "test": max(config.subset // 2, 1)}
+        data = VisionData(data.name, data.x_train[:sizes["train"]], data.y_train[:sizes["train"]],
+                          data.x_val[:sizes["val"]], data.y_val[:sizes["val"]],
+                          data.x_test[:sizes["test"]], data.y_test[:sizes["test"]], data.classes)
+    return data
+
+
+def cache_dir(config: ExperimentConfig) -> Path:
+    return Path(config.cache_dir or os.environ.get("METADISTILL_CACHE") or Path.home() / ".cache" / "metadistill")
+
+
+def train_or_load_teacher(config: ExperimentConfig, data: VisionData, progress: bool = True) -> TeacherResult:
+    """The dataset's teacher from the cache, trained first if the cache has none for this exact setup."""
+    return get_teacher(data, config.teacher_arch, cache_dir(config) / "teachers", epochs=config.teacher_epochs,
+                       lr=config.teacher_lr, batch_size=config.teacher_batch_size, seed=config.data_seed,
+                       device=config.device, progress=progress)
 
 
 def run_identity(config: ExperimentConfig, method: str, seed: int) -> dict[str, Any]:
     """What a run's result depends on; a finished run is reused only when this matches exactly."""
     identity = {**dataclasses.asdict(config), "method": method, "seed": seed}
-    identity.pop("threads")  # changes speed, not results
+    for key in NOT_IDENTITY:
+        identity.pop(key)
     return identity
 
 
@@ -64,7 +95,7 @@ def run_experiment(config: ExperimentConfig, methods: list[str], seeds: list[int
                 results.setdefault(method, []).append(finished)
                 continue
             if loaded is None:
-                loaded = load_problem(config)
+                loaded = load_problem(config, progress=not quiet)
             problem, facts = loaded
             with tqdm(total=0, desc=f"{config.dataset} {method} run {seed}", unit="step", disable=quiet,
                       leave=False, dynamic_ncols=True, mininterval=0.5) as bar:
