@@ -224,21 +224,22 @@ def _read_cifar(paths: dict[str, Path], n_train_needed: int) -> Arrays:
 
 def _how_to(dataset: str) -> str:
     if dataset == "fashion-mnist":
-        layout = (f"the four official files {', '.join(FASHION_FILES.values())} (each optionally .gz), "
+        layout = (f"the four official files {', '.join(FASHION_FILES.values())} (each optionally .gz) "
                   "directly in DIR or in DIR/FashionMNIST/raw/")
     else:
         layout = f"{CIFAR_FOLDER}/ with {', '.join(CIFAR_TRAIN_BATCHES)}, {CIFAR_TEST_BATCH} (the official archive)"
-    ways = [f"  --data-dir DIR (data_dir=DIR in Python), DIR holding {layout}",
-            f"  {ENV_VAR}=DIR, same layout",
-            f"  --download (download=True): torchvision fetches it into DIR, ${ENV_VAR} or {DEFAULT_DOWNLOAD_DIR}"]
+    ways = [f"--data-dir DIR (data_dir=DIR in Python) where DIR holds {layout}",
+            f"{ENV_VAR}=DIR with the same layout",
+            f"--download (download=True) to fetch it with torchvision into DIR, ${ENV_VAR} or {DEFAULT_DOWNLOAD_DIR}"]
     if dataset == "fashion-mnist":
-        ways.append(f"  apt-get install dataset-fashion-mnist (Debian/Ubuntu): installs it in {SYSTEM_FASHION_MNIST}")
-    return "Provide it in one of these ways:\n" + "\n".join(ways)
+        ways.append(f"apt-get install dataset-fashion-mnist (Debian/Ubuntu), which puts it in {SYSTEM_FASHION_MNIST}")
+    return "Provide it with " + "; or ".join(ways)
 
 
 def _error(dataset: str, problem: str, searched: list[str]) -> DataError:
-    places = "\n".join(f"  {line}" for line in searched) or "  (nowhere)"
-    return DataError(f"{dataset}: {problem}\nSearched:\n{places}\n{_how_to(dataset)}")
+    """One line: CLIs print it as the whole error."""
+    text = f"{dataset}: {problem} (searched: {'; '.join(searched) or 'nowhere'}). {_how_to(dataset)}."
+    return DataError(" ".join(text.splitlines()))
 
 
 def _env_dir() -> Path | None:
@@ -298,7 +299,7 @@ def load_vision(dataset: str, data_dir: Path | str | None = None, download: bool
         found, why = locate(target)
         searched.append(f"{target} (--download): {'downloaded' if found else why}")
     if found is None:
-        raise _error(dataset, "data files not found.", searched)
+        raise _error(dataset, "data files not found", searched)
 
     try:
         if dataset == "fashion-mnist":
