@@ -21,6 +21,7 @@ from metadistill.teacher import (
     get_teacher,
     load_teacher_model,
     lr_at_epoch,
+    tensor_fingerprint,
 )
 from metadistill.teacher_models import TEACHERS
 
@@ -161,7 +162,8 @@ def test_augmentation_crops_and_flips_each_sample_and_is_seeded(size):
     assert out.shape == x.shape
     assert torch.equal(out, augmented(0)) and not torch.equal(out, augmented(1))
     # Each output is one of the (2 pad + 1)^2 crops of its padded image, flipped or not.
-    padded = nn.functional.pad(x - fill.view(1, 3, 1, 1), (pad,) * 4) + fill.view(1, 3, 1, 1)
+    padded = fill.view(1, 3, 1, 1).repeat(8, 1, size + 2 * pad, size + 2 * pad)
+    padded[:, :, pad:-pad, pad:-pad] = x
     for image, sample in zip(padded, out):
         crops = [crop.flip(-1) if flip else crop for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
                  for crop in [image[:, dy:dy + size, dx:dx + size]] for flip in (False, True)]
@@ -204,3 +206,12 @@ def test_cnn_small_builds_for_both_image_sizes(in_channels):
     for size in (28, 32):
         with torch.no_grad():
             assert model(torch.randn(2, in_channels, size, size)).shape == (2, 10)
+
+
+def test_fingerprint_covers_large_tensors_exactly():
+    """Past 2**24 elements a float32 index grid would round past the end; the checksum is exact there too."""
+    x = torch.zeros(2**24 + 4097)
+    before = tensor_fingerprint(x)
+    x[-1] = 1.0
+    assert tensor_fingerprint(x)["checksum"] != before["checksum"]
+    assert before["shape"] == [2**24 + 4097]
