@@ -77,6 +77,7 @@ def trajectories(dataset: str, by_method: dict[str, list[dict]], path: Path) -> 
                          label="proposed: hypergradient step")
             zoom.scatter(steps[predicted], run0[predicted], s=10, facecolors="none", zorder=3,
                          edgecolors=COLORS["proposed"], label="proposed: predicted (grey windows)")
+            zoom.set_xlim(-1, zoom_steps)
             zoom.set_title(f"zoom: first {zoom_steps} steps (m = {window}, P = {period})", fontsize=10)
             zoom.grid(alpha=0.3)
     axes[0][0].set_title(f"{dataset}: metaparameter trajectories")
