@@ -34,6 +34,11 @@ METHOD_HELP = {
     "proposed": "hypergradients in gradient windows, linear predictions in between",
 }
 NAIVE = Metaparameters(0.5, 1.0)
+
+
+def method_order(method: str) -> tuple[int, str]:
+    """Sort key: the paper's row order, unknown names last."""
+    return (METHODS.index(method) if method in METHODS else len(METHODS), method)
 NO_DISTILLATION = Metaparameters(1.0, 1.0)
 
 
@@ -42,24 +47,11 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ExperimentConfig:
-    """Every setting of an experiment; a preset per dataset fills it, `--set key=value` overrides it."""
+class ExperimentConfig(TrainConfig):
+    """Every setting of an experiment (the student's training ones are TrainConfig's); a preset per dataset
+    fills it, `--set key=value` overrides it."""
 
     dataset: str = "synthetic"
-    # student training
-    epochs: int = 1
-    batch_size: int = 128
-    val_batch_size: int = 0
-    lr: float = 1.0
-    optimizer: str = "sgd"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    lr_decay_every: int = 0
-    lr_decay_factor: float = 0.5
-    t_val: float = 1.0
-    t2_scaling: bool = False
-    eval_every: int = 0
-    device: str = "cpu"
     threads: int = 0  # torch intra-op threads; 0: torch's default. Tiny models run fastest on 1.
     # metaparameters
     lambda1: float | None = None
@@ -113,10 +105,6 @@ class ExperimentConfig:
                 raise ConfigError(f"teacher_arch must be one of {', '.join(TEACHERS)}, got {self.teacher_arch!r}")
             if self.teacher_epochs < 1:
                 raise ConfigError("teacher_epochs must be >= 1")
-        try:
-            self.train_config()
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
         return self
 
     def train_config(self) -> TrainConfig:
@@ -200,7 +188,11 @@ def build_config(dataset: str, overrides: list[str] | None = None, quick: bool =
         if key == "dataset":
             raise ConfigError("choose the dataset with --dataset, not --set")
         values[key] = _parse(key, known[key], text)
-    return ExperimentConfig(**values).validate()
+    try:
+        config = ExperimentConfig(**values)
+    except ValueError as error:  # TrainConfig's own checks
+        raise ConfigError(str(error)) from None
+    return config.validate()
 
 
 def setting_names() -> list[str]:

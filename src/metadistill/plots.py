@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .config import METHODS  # noqa: E402
+from .config import METHODS, method_order  # noqa: E402
 from .records import CONFIG, finished_runs, load_history  # noqa: E402
 
 # A step with a jvp hypergradient costs about 2.5 plain steps (bench/hypergrad_cost.py), so one
@@ -20,6 +20,17 @@ HYPERGRADIENT_COST = 1.5
 COLORS = dict(zip(METHODS, ["#7f7f7f", "#bcbd22", "#17becf", "#d62728", "#9467bd", "#1f77b4"], strict=True))
 LABELS = {"no_distillation": "no distillation", "naive": "naive", "random": "random", "gradient": "gradient",
           "hyperopt": "hyperopt", "proposed": "proposed"}
+
+
+def _in_order(by_method: dict[str, list[dict]]) -> list[str]:
+    return sorted(by_method, key=method_order)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def _band(ax, x, values, color, label, log=False):
@@ -89,16 +100,13 @@ def trajectories(dataset: str, by_method: dict[str, list[dict]], path: Path) -> 
     else:
         for ax in axes[:, 1]:
             ax.set_visible(False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def accuracy_curves(dataset: str, by_method: dict[str, list[dict]], path: Path) -> Path:
     """Test accuracy at every evaluation point (per epoch) per method, mean +- sd over runs."""
     fig, ax = plt.subplots(figsize=(8, 5))
-    for method in sorted(by_method, key=lambda m: METHODS.index(m) if m in METHODS else 99):
+    for method in _in_order(by_method):
         runs = by_method[method]
         length = min(len(r["evals"]) for r in runs)
         epochs = [e["epoch"] for e in runs[0]["evals"][:length]]
@@ -110,16 +118,13 @@ def accuracy_curves(dataset: str, by_method: dict[str, list[dict]], path: Path) 
                  + ("; hyperopt: its final training" if "hyperopt" in by_method else ""), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def accuracy_vs_cost(dataset: str, by_method: dict[str, list[dict]], path: Path) -> Path:
     """Final test accuracy (each run, and the mean) against cost in plain-step equivalents."""
     fig, ax = plt.subplots(figsize=(8, 5))
-    for position, method in enumerate(sorted(by_method, key=lambda m: METHODS.index(m) if m in METHODS else 99)):
+    for position, method in enumerate(_in_order(by_method)):
         runs = by_method[method]
         # methods of equal cost (the fixed-lambda ones) are drawn side by side, 3% apart
         cost = np.array([r["steps"] + HYPERGRADIENT_COST * r["hypergrad_evals"] for r in runs]) * 1.03**position
@@ -134,10 +139,7 @@ def accuracy_vs_cost(dataset: str, by_method: dict[str, list[dict]], path: Path)
     ax.set_title(f"{dataset}: accuracy against cost (dots: runs; equal costs drawn side by side)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_figures(out: Path) -> dict[str, list[Path]]:

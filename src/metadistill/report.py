@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import METHODS
+from .config import method_order
 from .records import finished_runs, write_atomic
 
 # The paper's table: test accuracy "mean (max)" over 10 runs.
@@ -26,14 +26,10 @@ PAPER = {
 COLUMNS = ["method", "runs", "mean", "sd", "max", "paper", "wall_s", "steps", "hypergrad_evals", "full_trainings"]
 
 
-def _order(method: str) -> tuple[int, str]:
-    return (METHODS.index(method) if method in METHODS else len(METHODS), method)
-
-
 def summarize(dataset: str, by_method: dict[str, list[dict]]) -> list[dict]:
     """One row per method: test accuracy over runs (mean, sample sd, max) and mean cost per run."""
     rows = []
-    for method in sorted(by_method, key=_order):
+    for method in sorted(by_method, key=method_order):
         runs = by_method[method]
         acc = np.array([r["final_test_acc"] for r in runs], dtype=float)
         rows.append({
