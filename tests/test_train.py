@@ -69,3 +69,26 @@ def test_hyperopt_budget_and_validation_only_choice(problem):
     assert result.final_val_acc == best["val_acc"]
     again = hyperopt_search(problem, SHORT, seed=2, trials=3)
     assert again.extra["trials"] == [{**t, "wall_s": a["wall_s"]} for t, a in zip(trials, again.extra["trials"])]
+
+
+def test_hyperopt_skips_diverging_trials(problem, monkeypatch):
+    import metadistill.search as search
+
+    real_fit = search.fit
+    calls = []
+
+    def sometimes_diverging(problem, strategy, config, seed, progress=None):
+        calls.append(strategy.fixed)
+        if len(calls) % 2 == 1:
+            raise DivergenceError("training diverged at step 3")
+        return real_fit(problem, strategy, config, seed, progress)
+
+    monkeypatch.setattr(search, "fit", sometimes_diverging)
+    result = hyperopt_search(problem, SHORT, seed=1, trials=3)
+    trials = result.extra["trials"]
+    assert [t["val_acc"] is None for t in trials] == [True, False, True]
+    assert (result.final_lambda1, result.final_temperature) == (trials[1]["lambda1"], trials[1]["temperature"])
+
+    monkeypatch.setattr(search, "fit", lambda *a, **k: (_ for _ in ()).throw(DivergenceError("boom")))
+    with pytest.raises(DivergenceError, match="all 2 hyperopt trials diverged"):
+        hyperopt_search(problem, SHORT, seed=1, trials=2)
