@@ -15,7 +15,6 @@ from metadistill.teacher import (
     CHECKPOINT_FILE,
     LOGITS_FILE,
     META_FILE,
-    TEACHER_DEFAULTS,
     augment_batch,
     crop_padding,
     get_teacher,
@@ -174,7 +173,15 @@ def test_lr_schedule_is_the_papers_step():
     lrs = [lr_at_epoch(epoch, 100, 1e-3) for epoch in range(100)]
     assert lrs == [1e-3] * 50 + [pytest.approx(1e-4)] * 50
     assert [lr_at_epoch(epoch, 15, 1e-3) for epoch in range(15)].count(1e-3) == 8
-    assert set(TEACHER_DEFAULTS) == set(TEACHERS)
+
+
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "cifar10", "cifar10-reduced"])
+@pytest.mark.parametrize("quick", [False, True])
+def test_every_image_preset_names_a_known_teacher(dataset, quick):
+    from metadistill.config import build_config
+
+    config = build_config(dataset, quick=quick)
+    assert config.teacher_arch in TEACHERS and config.teacher_epochs >= 1
 
 
 def preact_resnet18_parameters(in_channels: int) -> int:

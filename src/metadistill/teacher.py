@@ -6,9 +6,7 @@ import hashlib
 import io
 import json
 import math
-import os
 import time
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,19 +17,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .data.vision import VisionData
+from .records import write_atomic
 from .teacher_models import TEACHERS
 
 # Bump whenever a change to the training code (loop, schedule, augmentation, architectures) changes the teacher
 # it produces: the version is part of the cache key, so old cache entries are then no longer reused.
 TEACHER_CACHE_VERSION = 1
-
-# Per-architecture defaults for get_teacher. preact-resnet18: the paper's setup (Adam, 50 epochs at 1e-3, then 50
-# at 1e-4; the batch size is not stated there). cnn-small: the CPU-practical Fashion-MNIST teacher; measured with
-# seed 0 on 2 CPU cores (torch 2.14, 2 threads): 33 s/epoch, 497 s in all, test accuracy 0.9275.
-TEACHER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "preact-resnet18": dict(epochs=100, lr=1e-3, batch_size=128),
-    "cnn-small": dict(epochs=15, lr=1e-3, batch_size=128),
-}
 
 LR_DECAY_FACTOR = 0.1  # the paper's step: lr for the first half of the epochs, lr / 10 for the second half
 EVAL_BATCH_SIZE = 1000
@@ -116,21 +107,6 @@ def cache_key(data: VisionData, arch: str, epochs: int, lr: float, batch_size: i
 
 def _key_hash(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _write_atomic(path: Path, payload: bytes) -> None:
-    """Write via a temp file in the same directory and os.replace, so `path` is either absent, old or complete."""
-    # A unique name per writer (two processes may train the same teacher), created with the umask's permissions
-    # (tempfile's would be 0600, unreadable for others sharing the cache).
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(temp, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def _torch_bytes(obj: Any) -> bytes:
@@ -245,13 +221,13 @@ def get_teacher(data: VisionData, arch: str, cache_dir: Path | str, *, epochs: i
     val_acc = accuracy(predict_logits(model, data.x_val.to(device)), data.y_val.to(device))
 
     state = {name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()}
-    _write_atomic(path / CHECKPOINT_FILE, _torch_bytes(state))
-    _write_atomic(path / LOGITS_FILE, _torch_bytes(train_logits.cpu()))
+    write_atomic(path / CHECKPOINT_FILE, _torch_bytes(state))
+    write_atomic(path / LOGITS_FILE, _torch_bytes(train_logits.cpu()))
     meta = {"key": key, "in_channels": data.x_train.shape[1], "test_acc": test_acc, "val_acc": val_acc,
             "seconds": seconds, "seconds_per_epoch": seconds / epochs, "device": device,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-    _write_atomic(path / META_FILE, json.dumps(meta, indent=2).encode())
+    write_atomic(path / META_FILE, json.dumps(meta, indent=2).encode())
     if progress:
         tqdm.write(f"teacher {arch} on {data.name}: test accuracy {test_acc:.4f}, {seconds:.0f} s "
                    f"({seconds / epochs:.1f} s/epoch); cached in {path}")

@@ -63,7 +63,7 @@ def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
 
 
 def small_cnn(in_channels: int, classes: int = CLASSES) -> nn.Module:
-    """"cnn-small": a teacher that trains on 2 CPU cores in minutes (Fashion-MNIST: see TEACHER_DEFAULTS).
+    """"cnn-small": a teacher that trains on 2 CPU cores in minutes (Fashion-MNIST: see presets/fashion-mnist.toml).
 
     Padded 3x3 conv-BN-ReLU blocks, 32 | 64, 64 | 128 channels with a 2x2 max-pool after the first two groups
     and an adaptive 3x3 max-pool after the last (28 -> 14 -> 7 -> 3, 32 -> 16 -> 8 -> 3), then dropout, fc 256,
