@@ -22,6 +22,10 @@ LABELS = {"no_distillation": "no distillation", "naive": "naive", "random": "ran
           "hyperopt": "hyperopt", "proposed": "proposed"}
 
 
+def _runs(n: int) -> str:
+    return f"{n} run" if n == 1 else f"{n} runs"
+
+
 def _in_order(by_method: dict[str, list[dict]]) -> list[str]:
     return sorted(by_method, key=method_order)
 
@@ -70,7 +74,7 @@ def trajectories(dataset: str, by_method: dict[str, list[dict]], path: Path) -> 
             for run in values:
                 ax.plot(np.arange(length), run, color=COLORS[method], linewidth=0.5, alpha=0.35)
             _band(ax, np.arange(length), values, COLORS[method],
-                  f"{LABELS[method]}: mean ± sd of {len(runs)} runs (thin: each run)", log)
+                  f"{LABELS[method]}: mean ± sd of {_runs(len(runs))} (thin: each run)", log)
             if zoom_steps:
                 zoom.plot(np.arange(zoom_steps), values[0][:zoom_steps], color=COLORS[method], linewidth=1,
                           label=f"{LABELS[method]}, run {by_method[method][0]['seed']}")
@@ -111,7 +115,7 @@ def accuracy_curves(dataset: str, by_method: dict[str, list[dict]], path: Path) 
         length = min(len(r["evals"]) for r in runs)
         epochs = [e["epoch"] for e in runs[0]["evals"][:length]]
         _band(ax, epochs, [[e["test_acc"] for e in r["evals"][:length]] for r in runs],
-              COLORS.get(method, "black"), f"{LABELS.get(method, method)} ({len(runs)} runs)")
+              COLORS.get(method, "black"), f"{LABELS.get(method, method)} ({_runs(len(runs))})")
     ax.set_xlabel("epoch (full passes over the training split)")
     ax.set_ylabel("test accuracy")
     ax.set_title(f"{dataset}: test accuracy during training (mean ± sd over runs)"
