@@ -105,10 +105,7 @@ def run_experiment(config: ExperimentConfig, methods: list[str], seeds: list[int
 
                 result = run_one(config, problem, method, seed, progress)
             result.extra.update(facts, torch=torch.__version__, threads=torch.get_num_threads())
-            save_run(directory, identity, result)
-            summary = result.summary()
-            summary["evals"] = result.evals
-            results.setdefault(method, []).append(summary)
+            results.setdefault(method, []).append(save_run(directory, identity, result))
             if not quiet:
                 log(f"{config.dataset} {method} run {seed}: test acc {result.final_test_acc:.4f}, "
                     f"lambda1 {result.final_lambda1:.3f}, T {result.final_temperature:.3f}, {result.wall_s:.1f} s")

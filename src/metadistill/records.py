@@ -72,16 +72,18 @@ def load_finished(directory: Path, config: dict[str, Any]) -> dict | None:
     return result
 
 
-def save_run(directory: Path, config: dict[str, Any], result: RunResult) -> None:
-    """config.json, then history.jsonl (one line per step), then result.json, which marks the run finished."""
+def save_run(directory: Path, config: dict[str, Any], result: RunResult) -> dict:
+    """config.json, then history.jsonl (one line per step), then result.json, which marks the run finished.
+
+    Returns what result.json holds, as `load_finished` would read it back."""
     write_atomic(directory / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
     columns = result.history
     steps = len(columns.get("lambda1", []))
     lines = (json.dumps({"step": i, **{name: values[i] for name, values in columns.items()}}) for i in range(steps))
     write_atomic(directory / HISTORY, "".join(line + "\n" for line in lines))
-    summary = result.summary()
-    summary["evals"] = result.evals
-    write_atomic(directory / RESULT, json.dumps(summary, indent=2) + "\n")
+    record = result.record()
+    write_atomic(directory / RESULT, json.dumps(record, indent=2) + "\n")
+    return record
 
 
 def load_history(directory: Path) -> list[dict]:

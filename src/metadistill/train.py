@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor, nn
@@ -101,12 +101,9 @@ class RunResult:
     evals: list[dict] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
-    def summary(self) -> dict:
-        """Everything but the per-step history and the evaluation points."""
-        out = asdict(self)
-        out.pop("history")
-        out.pop("evals")
-        return out
+    def record(self) -> dict:
+        """What result.json holds: everything but the per-step history (which goes to history.jsonl)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "history"}
 
 
 @torch.no_grad()
