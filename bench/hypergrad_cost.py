@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -40,6 +38,7 @@ from metadistill.hypergrad import TrainStep, mixed_product, validation_gradient
 from metadistill.losses import distillation_loss
 from metadistill.meta import Metaparameters
 from metadistill.models import count_parameters, fashion_student
+from metadistill.report import cpu_model
 from metadistill.strategies import LinearTrajectory
 from metadistill.train import TakenStep, TrainConfig, build_optimizer, train_step
 
@@ -192,15 +191,6 @@ def benchmark(variants: list[Variant], warmup: int, repeats: int, budget_s: floa
             if timed:
                 samples[variant.name].append(seconds)
     return samples
-
-
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def report(samples: dict[str, list[float]]) -> None:

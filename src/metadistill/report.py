@@ -78,22 +78,25 @@ def text_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *body])
 
 
-def environment() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo where there is one, else what platform knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def environment() -> str:
+    import torch
+
     return (f"Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"numpy {np.__version__}; {cpu}; {platform.system()} {platform.release()}")
+            f"numpy {np.__version__}; {cpu_model()}; {platform.system()} {platform.release()}")
 
 
-def write_report(out: Path, notes: dict[str, str] | None = None) -> dict[str, list[dict]]:
+def write_report(out: Path) -> dict[str, list[dict]]:
     """report.md and results.csv under `out` from the finished runs; returns the rows per dataset."""
     out = Path(out)
     runs = finished_runs(out)
@@ -107,8 +110,6 @@ def write_report(out: Path, notes: dict[str, str] | None = None) -> dict[str, li
                           for run in method_runs if "teacher_test_acc" in run.get("extra", {})})
         if teacher:
             parts += ["Teacher test accuracy: " + ", ".join(f"{acc:.3f}" for acc in teacher) + ".", ""]
-        if notes and dataset in notes:
-            parts += [notes[dataset], ""]
         for figure, caption in (("trajectories", "lambda1 and T against step (gradient and proposed)"),
                                 ("accuracy", "test accuracy against epoch"),
                                 ("cost", "final test accuracy against cost")):
