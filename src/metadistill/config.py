@@ -23,7 +23,7 @@ from .train import OPTIMIZERS, TrainConfig
 DATASETS = ("synthetic", "fashion-mnist", "cifar10-reduced", "cifar10")
 # Settings that say where things are or how fast they run, not what is computed: a finished run is
 # reused whatever their values.
-NOT_IDENTITY = ("threads", "data_dir", "download", "cache_dir")
+NOT_IDENTITY = ("threads", "batch_runs", "data_dir", "download", "cache_dir")
 METHODS = ("no_distillation", "naive", "random", "gradient", "hyperopt", "proposed")
 METHOD_HELP = {
     "no_distillation": "lambda1 = 1 (hard labels only)",
@@ -53,6 +53,7 @@ class ExperimentConfig(TrainConfig):
 
     dataset: str = "synthetic"
     threads: int = 0  # torch intra-op threads; 0: torch's default. Tiny models run fastest on 1.
+    batch_runs: int = 10  # runs of one method trained together as one stacked computation; 1: one at a time
     # metaparameters
     lambda1: float | None = None
     temperature: float | None = None
@@ -96,6 +97,7 @@ class ExperimentConfig(TrainConfig):
             (self.teacher_epochs >= 0, "teacher_epochs must be >= 0"),
             (self.teacher_batch_size >= 1, "teacher_batch_size must be >= 1"),
             (self.threads >= 0, "threads must be >= 0 (0: torch's default)"),
+            (self.batch_runs >= 1, "batch_runs must be >= 1 (1: one run at a time)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -6,7 +6,8 @@ Two engines compute the same exact J_z u:
 - `tape`: tangent propagation through the activations recorded during the training step's own
   forward pass (`record_activations`), so no primal work is repeated. It applies to models whose
   forward is a chain of supported layers (Linear, Conv1d/2d, BatchNorm1d/2d, ReLU, Tanh, Sigmoid,
-  MaxPool1d/2d, Flatten, Identity, Dropout when inactive); anything else falls back to `generic`.
+  MaxPool1d/2d, Flatten, Identity, Dropout when inactive, and the layers of `stacked`); anything
+  else falls back to `generic`.
 Both are checked against each other and against double-backward oracles in the tests.
 """
 
@@ -22,8 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .stacked import MergeRuns, SplitRuns, StackedLinear, stacked_linear
+
 _CHAIN_LAYERS = (
     nn.Linear,
+    StackedLinear,
+    MergeRuns,
+    SplitRuns,
     nn.Conv1d,
     nn.Conv2d,
     nn.BatchNorm1d,
@@ -38,7 +44,8 @@ _CHAIN_LAYERS = (
     nn.Dropout,
 )
 
-_READS_INPUT = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.MaxPool1d, nn.MaxPool2d)
+_READS_INPUT = (nn.Linear, StackedLinear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.MaxPool1d,
+                nn.MaxPool2d)
 
 
 @dataclass
@@ -161,6 +168,8 @@ def _linear_tangent(call: _Call, params: dict[str, Tensor], tangents: dict[str, 
     def apply(inp: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         if isinstance(module, nn.Linear):
             return F.linear(inp, w, b)
+        if isinstance(module, StackedLinear):
+            return stacked_linear(inp, w, b)
         conv = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d
         return conv(inp, w, b, module.stride, module.padding, module.dilation, module.groups)
 
@@ -171,7 +180,10 @@ def _linear_tangent(call: _Call, params: dict[str, Tensor], tangents: dict[str, 
         term = apply(call.inp, d_weight, d_bias)
         out = term if out is None else out + term
     elif d_bias is not None:
-        term = _channel_view(d_bias, call.out) if call.out.dim() > 2 else d_bias
+        if isinstance(module, StackedLinear):
+            term = d_bias.unsqueeze(0)
+        else:
+            term = _channel_view(d_bias, call.out) if call.out.dim() > 2 else d_bias
         out = term.expand_as(call.out) if out is None else out + term
     return out
 
@@ -244,7 +256,7 @@ def tape_jvp(
     for i, call in enumerate(calls):
         module = call.module
         following = calls[i + 1].module if i + 1 < len(calls) else None
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        if isinstance(module, (nn.Linear, StackedLinear, nn.Conv1d, nn.Conv2d)):
             t = _linear_tangent(call, params, tangents, t)
         elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
             t = _batchnorm_tangent(call, params, tangents, buffers, t)
@@ -265,6 +277,8 @@ def tape_jvp(
                 t = torch.ops.aten.threshold_backward(t, call.out, 0)
         elif isinstance(module, nn.Flatten):
             t = t.flatten(module.start_dim, module.end_dim)
+        elif isinstance(module, (MergeRuns, SplitRuns)):
+            t = module(t)
         # Identity and inactive Dropout pass the tangent through unchanged.
     return torch.zeros_like(record.calls[-1].out) if t is None else t
 

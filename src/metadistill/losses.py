@@ -47,11 +47,14 @@ def mixed_derivative(
     student_logits: Tensor,
     teacher_logits: Tensor,
     targets: Tensor,
-    lambda1: float,
-    temperature: float,
+    lambda1: Scalar,
+    temperature: Scalar,
     t2_scaling: bool = False,
 ) -> Tensor:
     """d^2 L / (d lambda dz) of the batch-mean `distillation_loss`, shape [2, B, K].
+
+    Also for stacked runs: logits [B, R, K], targets [B, R] and per-run `lambda1`, `temperature` of
+    shape [R, 1] give run r's derivative, of its own batch-mean loss, in [2, B, R, K][:, :, r].
 
     Row 0 is the derivative in lambda1, row 1 in T. With sigma = softmax(z), q = softmax(z/T),
     p = softmax(f/T) and c(T) = s(T)/T:
@@ -61,18 +64,47 @@ def mixed_derivative(
     where dq/dT = -q * (z - <q, z>) / T^2 and likewise for p with f.
     """
     z = student_logits
-    batch, classes = z.shape
-    sigma = torch.softmax(z, dim=1)
-    q = torch.softmax(z / temperature, dim=1)
-    p = torch.softmax(teacher_logits.to(z.dtype) / temperature, dim=1)
+    batch, classes = z.shape[0], z.shape[-1]
+    sigma = torch.softmax(z, dim=-1)
+    q = torch.softmax(z / temperature, dim=-1)
+    p = torch.softmax(teacher_logits.to(z.dtype) / temperature, dim=-1)
     onehot = F.one_hot(targets, classes).to(z.dtype)
     if t2_scaling:
         c, dc = temperature, 1.0
     else:
         c, dc = 1.0 / temperature, -1.0 / temperature**2
-    dq = -q * (z - (q * z).sum(1, keepdim=True)) / temperature**2
+    dq = -q * (z - (q * z).sum(-1, keepdim=True)) / temperature**2
     f = teacher_logits.to(z.dtype)
-    dp = -p * (f - (p * f).sum(1, keepdim=True)) / temperature**2
+    dp = -p * (f - (p * f).sum(-1, keepdim=True)) / temperature**2
     d_lambda1 = (sigma - onehot) - c * (q - p)
     d_temperature = (1.0 - lambda1) * (dc * (q - p) + c * (dq - dp))
     return torch.stack((d_lambda1, d_temperature)) / batch
+
+
+def per_run_distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    lambda1: Tensor,
+    temperature: Tensor,
+    t2_scaling: bool = False,
+) -> Tensor:
+    """`distillation_loss` of R stacked runs at once: logits [B, R, K], targets [B, R], lambda1 and
+    temperature [R]; returns the R batch-mean losses [R]."""
+    log_p = F.log_softmax(student_logits, dim=-1)
+    hard = -log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean(0)
+    if bool((lambda1 == 1.0).all()):
+        return hard
+    t = temperature.unsqueeze(-1)
+    log_q = F.log_softmax(student_logits / t, dim=-1)
+    log_teacher = F.log_softmax(teacher_logits / t, dim=-1)
+    soft = (log_teacher.exp() * (log_teacher - log_q)).sum(-1).mean(0)
+    if t2_scaling:
+        soft = soft * temperature**2
+    return lambda1 * hard + (1.0 - lambda1) * soft
+
+
+def per_run_validation_loss(student_logits: Tensor, targets: Tensor, t_val: float = 1.0) -> Tensor:
+    """`validation_loss` of R stacked runs: logits [B, R, K], targets [B, R] -> [R]."""
+    log_p = F.log_softmax(student_logits / t_val, dim=-1)
+    return -log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean(0)

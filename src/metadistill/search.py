@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
-from hyperopt import STATUS_FAIL, STATUS_OK, Trials, fmin, hp, tpe
+from hyperopt import STATUS_FAIL, STATUS_OK, Trials, base, fmin, hp, tpe
 from hyperopt.exceptions import AllTrialsFailed
 
+from .batched import Outcome, fit_batched
 from .meta import Metaparameters
+from .records import write_atomic
 from .strategies import Fixed
 from .train import DivergenceError, Problem, RunResult, TrainConfig, fit
 
@@ -49,7 +54,7 @@ def hyperopt_search(
         return result
 
     def objective(point: dict) -> dict:
-        lam = Metaparameters.clamped(point["lambda1"], 10.0 ** point["log10_temperature"])
+        lam = _point_lam(point)
         trial_started = time.perf_counter()
         try:
             result = train(lam)
@@ -78,3 +83,127 @@ def hyperopt_search(
     final.wall_s = time.perf_counter() - started
     final.extra = {"trials": history, "best": best}
     return final
+
+
+def _point_lam(point: dict) -> Metaparameters:
+    return Metaparameters.clamped(point["lambda1"], 10.0 ** point["log10_temperature"])
+
+
+def _unused_objective(point: dict) -> dict:
+    raise RuntimeError("TPESearch evaluates its trials outside hyperopt")
+
+
+class TPESearch:
+    """One TPE search driven from outside, a trial at a time: `ask()` a point, train it, `tell()` the result.
+
+    It makes the same calls, with the same seeds, as fmin(..., algo=tpe.suggest, trials=Trials(),
+    rstate=np.random.default_rng(seed)) does in its serial loop, so the suggestions are fmin's; this is
+    what lets R searches advance together with trial k of every run trained as one batch.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.trials = Trials()
+        self.rstate = np.random.default_rng(seed)
+        self.domain = base.Domain(_unused_objective, SPACE)
+        self.pending: dict | None = None
+
+    def ask(self) -> Metaparameters:
+        assert self.pending is None, "tell() the last point first"
+        new_ids = self.trials.new_trial_ids(1)
+        self.trials.refresh()
+        docs = tpe.suggest(new_ids, self.domain, self.trials, self.rstate.integers(2**31 - 1))
+        self.trials.insert_trial_docs(docs)
+        self.trials.refresh()
+        self.pending = self.trials._dynamic_trials[-1]
+        return _point_lam(base.spec_from_misc(self.pending["misc"]))
+
+    def tell(self, val_acc: float | None) -> None:
+        """The trial's final validation accuracy, or None when its training diverged (a failed trial)."""
+        assert self.pending is not None, "ask() first"
+        self.pending["state"] = base.JOB_STATE_DONE
+        self.pending["result"] = {"status": STATUS_FAIL} if val_acc is None else {"loss": -val_acc,
+                                                                                 "status": STATUS_OK}
+        self.pending = None
+        self.trials.refresh()
+
+
+def hyperopt_search_batched(
+    problem: Problem,
+    config: TrainConfig,
+    seeds: list[int],
+    trials: int = 5,
+    progress: Callable[[int, int], None] | None = None,
+    checkpoint_dir: Path | None = None,
+    identity: Any = None,
+) -> list[Outcome]:
+    """`hyperopt_search` for several runs at once: the R searches advance together, trial k of every run
+    trained as one batch (`fit_batched`), then the R final trainings as one batch.
+
+    With `checkpoint_dir`, the searches' finished trials are kept in search.json and every training in
+    progress checkpoints itself, so an interrupted search resumes (the searches are replayed from the
+    recorded trials; TPE is deterministic given its seed and results).
+    """
+    started = time.perf_counter()
+    runs = len(seeds)
+    searches = [TPESearch(seed) for seed in seeds]
+    histories: list[list[dict]] = [[] for _ in seeds]
+    earlier_wall = 0.0
+    state_path = None if checkpoint_dir is None else Path(checkpoint_dir) / "search.json"
+    if state_path is not None and state_path.exists():
+        saved = json.loads(state_path.read_text())
+        if saved.get("identity") == identity and saved.get("seeds") == list(seeds):
+            histories, earlier_wall = saved["histories"], saved["wall_s"]
+    # Replay the finished trials (the same points come out, since TPE is seeded), then go on.
+    for search, history in zip(searches, histories):
+        for trial in history:
+            search.ask()
+            search.tell(trial["val_acc"])
+    total = trials + 1
+
+    def trial_progress(k: int) -> Callable[[int, int], None] | None:
+        if progress is None:
+            return None
+        return lambda step, steps: progress(k * steps + step, total * steps)
+
+    def checkpoint(name: str) -> Path | None:
+        return None if checkpoint_dir is None else Path(checkpoint_dir) / name
+
+    for k in range(len(histories[0]), trials):
+        lams = [search.ask() for search in searches]
+        outcomes = fit_batched(problem, [Fixed(lam, "hyperopt") for lam in lams], config, seeds, trial_progress(k),
+                               checkpoint(f"trial_{k}.ckpt"), [identity, k, [lam.as_tuple() for lam in lams]])
+        for search, history, lam, outcome in zip(searches, histories, lams, outcomes):
+            if isinstance(outcome, DivergenceError):
+                search.tell(None)
+                history.append({"lambda1": lam.lambda1, "temperature": lam.temperature, "val_acc": None,
+                                "diverged": str(outcome), "steps": 0, "wall_s": 0.0})
+            else:
+                search.tell(outcome.final_val_acc)
+                history.append({"lambda1": lam.lambda1, "temperature": lam.temperature,
+                                "val_acc": outcome.final_val_acc, "steps": outcome.steps, "wall_s": outcome.wall_s})
+        if state_path is not None:
+            write_atomic(state_path, json.dumps({"identity": identity, "seeds": list(seeds), "histories": histories,
+                                                 "wall_s": earlier_wall + time.perf_counter() - started}))
+
+    results: list[Outcome | None] = [None] * runs
+    finals: list[tuple[int, dict]] = []
+    for r, history in enumerate(histories):
+        scored = [trial for trial in history if trial["val_acc"] is not None]
+        if not scored:
+            results[r] = DivergenceError(f"all {trials} hyperopt trials diverged (seed {seeds[r]})")
+        else:
+            finals.append((r, max(scored, key=lambda trial: trial["val_acc"])))  # first of equals, as hyperopt
+    if finals:
+        lams = [Metaparameters(best["lambda1"], best["temperature"]) for _, best in finals]
+        outcomes = fit_batched(problem, [Fixed(lam, "hyperopt") for lam in lams], config,
+                               [seeds[r] for r, _ in finals], trial_progress(trials), checkpoint("final.ckpt"),
+                               [identity, "final", [lam.as_tuple() for lam in lams]])
+        wall = earlier_wall + time.perf_counter() - started
+        for (r, best), outcome in zip(finals, outcomes):
+            if isinstance(outcome, RunResult):
+                outcome.full_trainings = trials + 1
+                outcome.steps = sum(trial["steps"] for trial in histories[r]) + outcome.steps
+                outcome.wall_s = wall / runs
+                outcome.extra = {"trials": histories[r], "best": best, "batch_runs": runs, "batch_wall_s": wall}
+            results[r] = outcome
+    return [outcome for outcome in results if outcome is not None]  # every run has one by now

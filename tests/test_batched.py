@@ -1,0 +1,226 @@
+"""Batched runs are the same computation as one-at-a-time runs: every strategy, hyperopt, divergence, resume."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from metadistill.batched import IndexStream, batchable, fit_batched, per_run_hypergradients
+from metadistill.config import build_config
+from metadistill.data.synthetic import synthetic_problem
+from metadistill.hypergrad import validation_gradient
+from metadistill.jvp import generic_jvp, record_activations, tape_jvp
+from metadistill.models import fashion_student, logistic_regression
+from metadistill.search import hyperopt_search, hyperopt_search_batched
+from metadistill.stacked import stack_models
+from metadistill.strategies import Gradient, MetaOptimizer
+from metadistill.train import DivergenceError, Problem, TrainConfig, _batches, fit
+
+SEEDS = [0, 1, 2]
+
+
+@pytest.fixture()
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def image_problem(n_train=64, n_val=32, n_test=32, make_student=fashion_student) -> Problem:
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.get_default_dtype()
+
+    def split(n):
+        return torch.randn(n, 1, 28, 28, generator=g, dtype=dtype), torch.randint(0, 10, (n,), generator=g)
+
+    (xt, yt), (xv, yv), (xs, ys) = split(n_train), split(n_val), split(n_test)
+    return Problem(xt, yt, 3 * torch.randn(n_train, 10, generator=g, dtype=dtype), xv, yv, xs, ys, make_student)
+
+
+IMAGE = TrainConfig(epochs=2, batch_size=16, lr=0.1, eval_every=3, t_val=1.0)
+SYNTHETIC = TrainConfig(epochs=40, batch_size=0, lr=1.0, t_val=0.1, eval_every=10)
+
+
+def strategy(name: str):
+    config = build_config("synthetic", ["window=3", "period=2", "meta_clip=0"])  # no clip: h moves lambda
+    if name == "gradient-adam":
+        return Gradient(MetaOptimizer("adam", 0.05))
+    return config.strategy(name)
+
+
+def assert_same_runs(singles, batched):
+    for single, batch in zip(singles, batched):
+        assert not isinstance(batch, DivergenceError)
+        assert batch.seed == single.seed and batch.steps == single.steps
+        assert batch.hypergrad_evals == single.hypergrad_evals
+        for key in ("lambda1", "temperature", "train_loss"):
+            assert batch.history[key] == pytest.approx(single.history[key], rel=1e-9, abs=1e-12), key
+        assert [v is None for v in batch.history["val_loss"]] == [v is None for v in single.history["val_loss"]]
+        assert [v for v in batch.history["val_loss"] if v is not None] == pytest.approx(
+            [v for v in single.history["val_loss"] if v is not None], rel=1e-9)
+        assert [e["step"] for e in batch.evals] == [e["step"] for e in single.evals]
+        for a, b in zip(single.evals, batch.evals):
+            assert (a["test_acc"], a["val_acc"]) == (b["test_acc"], b["val_acc"])
+            assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-9)
+        assert (batch.final_test_acc, batch.best_val_acc, batch.test_acc_at_best_val) == (
+            single.final_test_acc, single.best_val_acc, single.test_acc_at_best_val)
+
+
+@pytest.mark.parametrize("name", ["no_distillation", "naive", "random", "gradient", "gradient-adam", "proposed"])
+def test_batched_equals_one_at_a_time_on_a_cnn_with_batchnorm(float64, name):
+    problem = image_problem()
+    singles = [fit(problem, strategy(name), IMAGE, seed) for seed in SEEDS]
+    batched = fit_batched(problem, [strategy(name) for _ in SEEDS], IMAGE, SEEDS)
+    assert_same_runs(singles, batched)
+    assert all(b.extra["batch_runs"] == len(SEEDS) for b in batched)
+    if name.startswith("gradient") or name == "proposed":
+        assert len(set(batched[0].history["lambda1"])) > 2  # the hypergradient really moved lambda
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    problem, _ = synthetic_problem(0, 500, 0.01)  # built in float32, before any test switches the default
+    return problem
+
+
+@pytest.mark.parametrize("name", ["naive", "random", "gradient", "proposed"])
+def test_batched_equals_one_at_a_time_on_the_synthetic_task(synthetic, float64, name):
+    problem = dataclasses.replace(synthetic, **{k: getattr(synthetic, k).double() for k in
+                                                ("x_train", "teacher_train", "x_val", "x_test")})
+    singles = [fit(problem, strategy(name), SYNTHETIC, seed) for seed in SEEDS]
+    assert_same_runs(singles, fit_batched(problem, [strategy(name) for _ in SEEDS], SYNTHETIC, SEEDS))
+
+
+def test_float32_batched_runs_agree_to_float_tolerance():
+    problem = image_problem()
+    singles = [fit(problem, strategy("gradient"), IMAGE, seed) for seed in SEEDS]
+    batched = fit_batched(problem, [strategy("gradient") for _ in SEEDS], IMAGE, SEEDS)
+    for single, batch in zip(singles, batched):
+        assert batch.history["temperature"] == pytest.approx(single.history["temperature"], rel=1e-4)
+        assert batch.history["train_loss"] == pytest.approx(single.history["train_loss"], rel=1e-4)
+
+
+def test_stacked_model_is_the_models_side_by_side():
+    torch.manual_seed(0)
+    models = [fashion_student() for _ in range(3)]
+    stacked = stack_models(models)
+    x = torch.randn(5, 3, 1, 28, 28)
+    expected = torch.stack([m(x[:, r]) for r, m in enumerate(models)], dim=1)
+    torch.testing.assert_close(stacked(x), expected, rtol=1e-5, atol=1e-5)
+    linear = [logistic_regression(3) for _ in range(4)]
+    x = torch.randn(7, 4, 3)
+    torch.testing.assert_close(stack_models(linear)(x), torch.stack([m(x[:, r]) for r, m in enumerate(linear)], 1))
+
+
+def test_unsupported_models_fall_back_to_one_at_a_time():
+    with pytest.raises(NotImplementedError, match="Dropout"):
+        stack_models([nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.5)) for _ in range(2)])
+    dropout = dataclasses.replace(image_problem(), make_student=lambda: nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 10), nn.Dropout(0.5)))
+    assert not batchable(dropout, IMAGE)
+    assert batchable(image_problem(), IMAGE)
+    assert not batchable(image_problem(), dataclasses.replace(IMAGE, hypergrad_method="fd"))
+
+
+def test_stacked_tape_jvp_equals_forward_mode_and_per_run_hypergradients(float64):
+    """The per-run hypergradient of a stacked step is each run's own (tape and generic JVP agree)."""
+    problem = image_problem()
+    torch.manual_seed(3)
+    models = [fashion_student() for _ in SEEDS]
+    stacked = stack_models(models)
+    x = problem.x_train[:16].unsqueeze(1).expand(-1, 3, -1, -1, -1).contiguous()
+    params = {n: p.detach().clone() for n, p in stacked.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in stacked.named_buffers()}
+    tangents = {n: torch.randn_like(p) for n, p in params.items()}
+    with record_activations(stacked) as record:
+        logits = stacked(x)
+    assert record.chain(x, logits)
+    _, expected = generic_jvp(stacked, params, buffers, x, tangents)
+    torch.testing.assert_close(tape_jvp(record, params, buffers, tangents), expected, rtol=1e-9, atol=1e-10)
+    # against the validation gradient of each run alone
+    v_val = problem.x_val[:8]
+    grads = [validation_gradient(m, v_val, problem.y_val[:8])[0] for m in models]
+    from metadistill.batched import _per_run_val_gradient
+
+    stacked_grads, _ = _per_run_val_gradient(stacked, v_val.unsqueeze(1).expand(-1, 3, -1, -1, -1).contiguous(),
+                                             problem.y_val[:8].unsqueeze(1).expand(-1, 3), 1.0)
+    first_conv = stacked_grads["1.weight"].view(3, 8, 1, 3, 3)
+    for r in range(3):
+        torch.testing.assert_close(first_conv[r], grads[r]["0.weight"])
+    assert callable(per_run_hypergradients)
+
+
+def test_index_stream_draws_the_same_batches_as_the_loop():
+    for n, size in ((10, 3), (10, 0), (10, 20), (128, 16)):
+        stream = IndexStream(n, size, 7, torch.device("cpu"))
+        reference = _batches(n, size, torch.Generator().manual_seed(7), torch.device("cpu"))
+        for _ in range(9):
+            assert torch.equal(stream.next(), next(reference))
+        copy = IndexStream(n, size, 0, torch.device("cpu"))
+        copy.load_state_dict(stream.state_dict())
+        for _ in range(5):
+            assert torch.equal(copy.next(), stream.next())
+
+
+def test_batched_hyperopt_equals_one_search_per_run(synthetic):
+    problem = synthetic
+    config = dataclasses.replace(SYNTHETIC, epochs=30)
+    singles = [hyperopt_search(problem, config, seed, trials=3) for seed in SEEDS]
+    batched = hyperopt_search_batched(problem, config, SEEDS, trials=3)
+    for single, batch in zip(singles, batched):
+        assert [(t["lambda1"], t["temperature"]) for t in batch.extra["trials"]] == [
+            (t["lambda1"], t["temperature"]) for t in single.extra["trials"]]
+        assert [t["val_acc"] for t in batch.extra["trials"]] == [t["val_acc"] for t in single.extra["trials"]]
+        assert batch.extra["best"]["lambda1"] == single.extra["best"]["lambda1"]
+        assert (batch.final_test_acc, batch.steps, batch.full_trainings) == (
+            single.final_test_acc, single.steps, single.full_trainings)
+
+
+def test_a_diverging_run_stops_alone(float64):
+    problem = image_problem()
+    calls = []
+
+    def make_student():
+        model = fashion_student()
+        calls.append(1)
+        if len(calls) == 2:  # the second run of the batch starts from infinite weights
+            with torch.no_grad():
+                model[-1].bias.fill_(math.inf)
+        return model
+
+    poisoned = dataclasses.replace(problem, make_student=make_student)
+    outcomes = fit_batched(poisoned, [strategy("gradient") for _ in SEEDS], IMAGE, SEEDS)
+    assert isinstance(outcomes[1], DivergenceError) and "diverged at step 0" in str(outcomes[1])
+    singles = [fit(problem, strategy("gradient"), IMAGE, seed) for seed in (0, 2)]
+    assert_same_runs(singles, [outcomes[0], outcomes[2]])
+
+
+def test_an_interrupted_batch_resumes_from_its_checkpoint(tmp_path, float64):
+    problem = image_problem()
+    config = dataclasses.replace(IMAGE, epochs=4)
+    path = tmp_path / "train.ckpt"
+    whole = fit_batched(problem, [strategy("proposed") for _ in SEEDS], config, SEEDS)
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_epoch_three(step, total):
+        if step == 10:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit_batched(problem, [strategy("proposed") for _ in SEEDS], config, SEEDS, stop_in_epoch_three, path,
+                    identity="x", checkpoint_every_s=0.0)
+    assert path.exists()
+    assert torch.load(path, weights_only=False)["step"] == 8  # the end of epoch two
+    # another identity does not resume from it
+    other = fit_batched(problem, [strategy("proposed") for _ in SEEDS], config, SEEDS, None, path, identity="y")
+    assert_same_runs(whole, other)
+    resumed_steps = []
+    resumed = fit_batched(problem, [strategy("proposed") for _ in SEEDS], config, SEEDS,
+                          lambda step, total: resumed_steps.append(step), path, identity="x")
+    assert resumed_steps[0] == 9
+    assert_same_runs(whole, resumed)
