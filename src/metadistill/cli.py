@@ -12,6 +12,7 @@ from .experiment import load_vision_config, run_experiment, train_or_load_teache
 from .plots import write_figures
 from .records import RecordError, check_writable, finished_runs
 from .report import summarize, text_table, write_report
+from .runtime import keep_freed_memory
 from .train import DivergenceError
 
 EXIT_USAGE = 2
@@ -181,6 +182,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return args.func(args)
     except (ConfigError, RecordError, DataError) as error:

@@ -237,6 +237,13 @@ def _pool_tangent(call: _Call, t_in: Tensor) -> Tensor:
         pool = F.max_pool1d if isinstance(module, nn.MaxPool1d) else F.max_pool2d
         _, indices = pool(call.inp, module.kernel_size, module.stride, module.padding,
                           module.dilation, ceil_mode=module.ceil_mode, return_indices=True)
+    if t_in.dim() == 4 and t_in.is_contiguous(memory_format=torch.channels_last) and not t_in.is_contiguous():
+        # Gather in channels-last order, so the result keeps the activations' memory format (mixing
+        # formats in the element-wise ops that follow costs several times their own time).
+        flat = t_in.permute(0, 2, 3, 1).flatten(1, 2)
+        picked = flat.gather(1, indices.permute(0, 2, 3, 1).flatten(1, 2))
+        batch, channels, height, width = call.out.shape
+        return picked.view(batch, height, width, channels).permute(0, 3, 1, 2)
     flat = t_in.flatten(start_dim=2).gather(2, indices.flatten(start_dim=2))
     return flat.view_as(call.out)
 

@@ -1,0 +1,105 @@
+"""Per-epoch seconds of one run against R runs trained batched, for the Fashion-MNIST student.
+
+Variants, each a real training loop on random Fashion-MNIST-shaped data (batch 128, SGD lr 1.0, the
+paper's settings), `--steps` steps long, timed whole and scaled to one epoch of the paper's 54000
+training images (422 steps):
+
+- fit R=1            the one-at-a-time reference loop (`train.fit`);
+- batched R=1        `batched.fit_batched` with one run;
+- batched R=N        `batched.fit_batched` with N runs (default 10) as one stacked model;
+
+each for "plain" (no distillation: no hypergradient) and "gradient" (a greedy hypergradient after
+every step). Variants are timed round-robin over `--rounds` rounds; medians are reported, and
+`speedup batched10 = 10 x time(R=1) / time(R=10)` for both kinds of step (with R=1 the batched loop
+with one run, as the issue defines it; the line after it compares with the reference loop).
+
+Run: python bench/throughput.py [--rounds K] [--steps S] [--runs N] [--threads T]
+(about 4 minutes on an idle 2-core CPU with the defaults)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+
+from metadistill.batched import fit_batched
+from metadistill.config import build_config
+from metadistill.models import fashion_student
+from metadistill.report import cpu_model
+from metadistill.runtime import keep_freed_memory
+from metadistill.train import Problem, fit
+
+TRAIN_IMAGES = 54000
+BATCH = 128
+
+
+def random_problem(steps: int, seed: int = 0) -> Problem:
+    g = torch.Generator().manual_seed(seed)
+    n = steps * BATCH
+
+    def images(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(count, 1, 28, 28, generator=g), torch.randint(0, 10, (count,), generator=g)
+
+    (xt, yt), (xv, yv), (xs, ys) = images(n), images(2 * BATCH), images(BATCH)
+    return Problem(xt, yt, 3 * torch.randn(n, 10, generator=g), xv, yv, xs, ys, fashion_student)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant (median reported)")
+    parser.add_argument("--steps", type=int, default=20, help="training steps per timed run")
+    parser.add_argument("--runs", type=int, default=10, help="runs in the batched variant")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc settings alone (the CLI tunes them: runtime.keep_freed_memory)")
+    args = parser.parse_args()
+    tuned = False if args.default_malloc else keep_freed_memory()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = build_config("fashion-mnist", ["epochs=1", f"eval_every={10**9}"])
+    train_config = config.train_config()
+    problem = random_problem(args.steps)
+    epoch_steps = math.ceil(TRAIN_IMAGES / BATCH)
+    seeds = list(range(args.runs))
+
+    def variants(method: str) -> dict[str, callable]:
+        return {
+            "fit R=1": lambda: fit(problem, config.strategy(method), train_config, 0),
+            "batched R=1": lambda: fit_batched(problem, [config.strategy(method)], train_config, [0]),
+            f"batched R={args.runs}": lambda: fit_batched(problem, [config.strategy(method) for _ in seeds],
+                                                          train_config, seeds),
+        }
+
+    kinds = {"plain": variants("no_distillation"), "gradient": variants("gradient")}
+    times: dict[tuple[str, str], list[float]] = {(k, v): [] for k, vs in kinds.items() for v in vs}
+    for kind in kinds.values():  # warm-up
+        for run in kind.values():
+            run()
+    for _ in range(args.rounds):
+        for kind, runs in kinds.items():
+            for name, run in runs.items():
+                started = time.perf_counter()
+                run()
+                times[(kind, name)].append((time.perf_counter() - started) / args.steps * epoch_steps)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_model()}, malloc tuned: {tuned}; "
+          f"{args.steps} steps per timed run, {args.rounds} rounds, medians scaled to one epoch ({epoch_steps} steps)")
+    print(f"{'step':<9} {'variant':<14} {'s/epoch':>8} {'s/epoch/run':>12}")
+    for (kind, name), values in times.items():
+        runs = args.runs if name.endswith(f"R={args.runs}") else 1
+        median = statistics.median(values)
+        print(f"{kind:<9} {name:<14} {median:8.2f} {median / runs:12.2f}")
+    for kind in kinds:
+        one = statistics.median(times[(kind, "batched R=1")])
+        reference = statistics.median(times[(kind, "fit R=1")])
+        many = statistics.median(times[(kind, f"batched R={args.runs}")])
+        label = f"batched{args.runs}"
+        print(f"speedup {label} = {args.runs * one / many:.2f} ({kind}; R=1 = the batched loop with one run)")
+        print(f"speedup {label} vs fit = {args.runs * reference / many:.2f} ({kind}; R=1 = the reference loop)")
+
+
+if __name__ == "__main__":
+    main()
