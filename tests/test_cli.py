@@ -30,6 +30,9 @@ def cli(*args):
     (["run", "--dataset", "synthetic", "--method", "naive", "--runs", "0"], "positive integer"),
     (["reproduce", "--dataset", "synthetic", "--methods", "naive,magic"], "unknown method(s) magic"),
     (["report", "/nonexistent/records"], "no records directory"),
+    (["run", "--dataset", "synthetic", "--method", "naive", "--ddp"], "--ddp runs under torchrun"),
+    (["run", "--dataset", "synthetic", "--method", "hyperopt", "--ddp"], "hyperopt is not supported"),
+    (["run", "--dataset", "synthetic", "--method", "naive", "--executor", "cluster"], "invalid choice: 'cluster'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):
     try:
@@ -137,3 +140,27 @@ def test_interrupted_reproduce_resumes_without_redoing_finished_runs(tmp_path):
     third = finished()
     assert len(third) == 6
     assert all(third[p] == stamp for p, stamp in second.items())
+
+
+def test_torchrun_ddp_run_writes_the_records_of_the_one_process_run(tmp_path):
+    """Two gloo ranks under torchrun train one student per run; rank 0 writes what one process would."""
+    settings = ["--set", "epochs=30", "--set", "batch_size=8", "--set", "eval_every=10", "--set",
+                "teacher_steps=2000", "--set", "batch_runs=1", "--quiet"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    done = cli("run", "--dataset", "synthetic", "--method", "gradient", "--runs", "1", "--out", str(single),
+               *settings)
+    assert done.returncode == 0, done.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                           "metadistill.cli", "run", "--dataset", "synthetic", "--method", "gradient", "--runs", "1",
+                           "--out", str(ddp), "--ddp", *settings], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr
+    run = "synthetic/gradient/run_000"
+    a = [json.loads(line) for line in (single / run / "history.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (ddp / run / "history.jsonl").read_text().splitlines()]
+    assert len(a) == len(b) == 30 * 2
+    for x, y in zip(a, b):
+        assert y["lambda1"] == pytest.approx(x["lambda1"], rel=1e-5)
+        assert y["temperature"] == pytest.approx(x["temperature"], rel=1e-5)
+    first, second = (json.loads((d / run / "result.json").read_text()) for d in (single, ddp))
+    assert second["final_test_acc"] == first["final_test_acc"] and second["extra"]["world_size"] == 2

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .config import DATASETS, METHOD_HELP, METHODS, ConfigError, ExperimentConfig, build_config, preset, setting_names
 from .data.vision import DataError
-from .experiment import load_vision_config, run_experiment, train_or_load_teacher
+from .experiment import EXECUTORS, load_vision_config, run_ddp, run_experiment, train_or_load_teacher
 from .plots import write_figures
 from .records import RecordError, check_writable, finished_runs
 from .report import summarize, text_table, write_report
@@ -64,6 +64,13 @@ def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
                              "result.json; report.md and results.csv at its top (default ./runs)")
     parser.add_argument("--epochs", type=_positive_int, help="shorthand for --set epochs=N")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
+    parser.add_argument("--executor", choices=EXECUTORS, default="local",
+                        help="local: every task in this process (default); ray: each task (a method's batch of "
+                             "batch_runs runs) as a Ray task declaring `threads` CPUs (1 if 0) and a GPU on cuda; "
+                             "needs pip install 'metadistill[ray]'")
+    parser.add_argument("--ray-address", help="address of a running Ray cluster (default: start a local Ray runtime)")
+    parser.add_argument("--ray-num-cpus", type=_positive_int,
+                        help="CPUs of the local Ray runtime (default: all); ignored with --ray-address")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "method and print the results table. Finished runs under --out are skipped.")
     run.add_argument("--method", required=True, choices=METHODS, help=methods)
     _add_experiment_options(run)
+    run.add_argument("--ddp", action="store_true",
+                     help="train each run's student data-parallel over the ranks of a torchrun launch (gloo on "
+                          "CPU, nccl on cuda): torchrun --nproc-per-node 2 -m metadistill.cli run ... --ddp")
     run.set_defaults(func=_run)
     reproduce = commands.add_parser("reproduce", help="all six methods of the paper on one dataset",
                                     description="Run every method (" + ", ".join(METHODS) + ") --runs times with "
@@ -132,7 +142,18 @@ def _experiment(args: argparse.Namespace, methods: list[str]) -> int:
         print(f"note: lambda1/temperature do not apply to {', '.join(unused)}", file=sys.stderr)
     check_writable(args.out)
     seeds = list(range(args.runs or preset(args.dataset, args.quick).get("runs", 10)))
-    results = run_experiment(config, methods, seeds, args.out, quiet=args.quiet)
+    if args.executor != "ray" and (args.ray_address or args.ray_num_cpus):
+        raise ConfigError("--ray-address and --ray-num-cpus need --executor ray")
+    if getattr(args, "ddp", False):
+        if args.executor != "local":
+            raise ConfigError("--ddp runs under torchrun, not with --executor ray")
+        ddp_results = run_ddp(config, methods[0], seeds, args.out, quiet=args.quiet)
+        if ddp_results is None:  # not rank 0: rank 0 writes the records and the report
+            return 0
+        results = ddp_results
+    else:
+        results = run_experiment(config, methods, seeds, args.out, quiet=args.quiet, executor=args.executor,
+                                 ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus)
     write_figures(args.out)
     write_report(args.out)
     print(text_table(summarize(config.dataset, results)))

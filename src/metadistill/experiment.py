@@ -21,6 +21,8 @@ from .search import hyperopt_search, hyperopt_search_batched
 from .teacher import TeacherResult, get_teacher
 from .train import DivergenceError, Problem, RunResult, fit
 
+EXECUTORS = ("local", "ray")
+
 
 def load_problem(config: ExperimentConfig, progress: bool = True) -> tuple[Problem, dict[str, Any]]:
     """The dataset's Problem and facts about it (teacher accuracy) for the records."""
@@ -87,66 +89,173 @@ def run_batch(config: ExperimentConfig, problem: Problem, method: str, seeds: li
                        checkpoint_dir / "train.ckpt", identity)
 
 
-def run_experiment(config: ExperimentConfig, methods: list[str], seeds: list[int], out: Path,
-                   quiet: bool = False, log: Callable[[str], None] = print) -> dict[str, list[dict]]:
-    """Run every (method, seed) not yet finished under `out`; returns {method: [result, ...]} for all of them.
+@dataclasses.dataclass
+class Task:
+    """One unit of work: the pending runs `seeds` of `method`, trained together (one at a time if alone)."""
 
-    The pending runs of a method train `config.batch_runs` at a time as one stacked computation where the
-    student allows it (else one at a time). Each run's records are written as soon as its batch finishes
-    and a batch in progress checkpoints every epoch, so an interrupted experiment resumes where it
-    stopped when the same command is run again. A run that diverges raises DivergenceError after the
-    other runs of its batch are saved.
-    """
+    method: str
+    seeds: list[int]
+
+    @property
+    def label(self) -> str:
+        return f"run {self.seeds[0]}" if len(self.seeds) == 1 else f"runs {self.seeds[0]}-{self.seeds[-1]}"
+
+
+def run_task(config: ExperimentConfig, problem: Problem, task: Task, out: Path,
+             progress: Callable[[int, int], None] | None = None) -> list[Outcome]:
+    """Train the task's runs (checkpointing a batch under `out`); outcome per seed: RunResult or DivergenceError."""
+    if len(task.seeds) == 1:
+        try:
+            return [run_one(config, problem, task.method, task.seeds[0], progress)]
+        except DivergenceError as error:
+            return [error]
+    checkpoint_dir = Path(out) / config.dataset / task.method / f".batch_{task.seeds[0]:03d}-{task.seeds[-1]:03d}"
+    return run_batch(config, problem, task.method, task.seeds, checkpoint_dir, progress)
+
+
+def finish_task(config: ExperimentConfig, task: Task, outcomes: list[Outcome], facts: dict[str, Any], out: Path,
+                quiet: bool, log: Callable[[str], None]) -> tuple[dict[int, dict], list[str]]:
+    """Save the task's finished runs (records written by this process only) and drop its checkpoints;
+    returns ({seed: record}, divergence messages)."""
+    saved, errors = {}, []
+    for seed, outcome in zip(task.seeds, outcomes):
+        if isinstance(outcome, DivergenceError):
+            errors.append(f"{task.method} run {seed}: {outcome}")
+            continue
+        result: RunResult = outcome
+        result.extra = {**facts, **result.extra}
+        result.extra.setdefault("torch", torch.__version__)
+        result.extra.setdefault("threads", torch.get_num_threads())
+        identity = run_identity(config, task.method, seed)
+        saved[seed] = save_run(run_dir(out, config.dataset, task.method, seed), identity, result)
+        if not quiet:
+            log(f"{config.dataset} {task.method} run {seed}: test acc {result.final_test_acc:.4f}, "
+                f"lambda1 {result.final_lambda1:.3f}, T {result.final_temperature:.3f}, {result.wall_s:.1f} s")
+    if len(task.seeds) > 1:
+        shutil.rmtree(Path(out) / config.dataset / task.method / f".batch_{task.seeds[0]:03d}-{task.seeds[-1]:03d}",
+                      ignore_errors=True)
+    return saved, errors
+
+
+def pending_tasks(config: ExperimentConfig, methods: list[str], seeds: list[int], out: Path,
+                  batch_size: int) -> tuple[list[Task], dict[str, dict[int, dict]]]:
+    """The tasks still to run (finished runs are skipped) and the finished runs' records."""
     for method in methods:
         if method not in METHODS:
             raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    loaded: tuple[Problem, dict[str, Any]] | None = None
-    results: dict[str, dict[int, dict]] = {}
+    tasks: list[Task] = []
+    finished: dict[str, dict[int, dict]] = {}
     for method in methods:
         pending = []
         for seed in seeds:
-            finished = load_finished(run_dir(out, config.dataset, method, seed), run_identity(config, method, seed))
-            if finished is None:
+            record = load_finished(run_dir(out, config.dataset, method, seed), run_identity(config, method, seed))
+            if record is None:
                 pending.append(seed)
             else:
-                results.setdefault(method, {})[seed] = finished
-        if not pending:
-            continue
-        if loaded is None:
-            loaded = load_problem(config, progress=not quiet)
-        problem, facts = loaded
-        size = config.batch_runs if batchable(problem, config.train_config()) else 1
-        for start in range(0, len(pending), size):
-            group = pending[start:start + size]
-            label = f"run {group[0]}" if len(group) == 1 else f"runs {group[0]}-{group[-1]}"
-            with tqdm(total=0, desc=f"{config.dataset} {method} {label}", unit="step", disable=quiet,
+                finished.setdefault(method, {})[seed] = record
+        tasks += [Task(method, pending[i:i + batch_size]) for i in range(0, len(pending), batch_size)]
+    return tasks, finished
+
+
+def batch_size_for(config: ExperimentConfig, problem: Problem) -> int:
+    """config.batch_runs where the student can be stacked, else 1."""
+    return config.batch_runs if batchable(problem, config.train_config()) else 1
+
+
+def run_experiment(config: ExperimentConfig, methods: list[str], seeds: list[int], out: Path,
+                   quiet: bool = False, log: Callable[[str], None] = print, executor: str = "local",
+                   ray_address: str | None = None, ray_num_cpus: int | None = None) -> dict[str, list[dict]]:
+    """Run every (method, seed) not yet finished under `out`; returns {method: [result, ...]} for all of them.
+
+    The pending runs of a method train `config.batch_runs` at a time as one stacked computation where the
+    student allows it (else one at a time); each such task runs in this process (executor "local") or as
+    a Ray task (executor "ray", see ray_executor). Each run's records are written as soon as its task
+    finishes and a batch in progress checkpoints every epoch, so an interrupted experiment resumes where
+    it stopped when the same command is run again. A run that diverges raises DivergenceError after the
+    other runs are saved.
+    """
+    if executor not in EXECUTORS:
+        raise ConfigError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    tasks, results = pending_tasks(config, methods, seeds, out, config.batch_runs)
+    problem: Problem | None = None
+    facts: dict[str, Any] = {}
+    if tasks:
+        # Loaded here even for Ray: an image dataset's teacher is then trained once, into the cache the
+        # tasks read it from.
+        problem, facts = load_problem(config, progress=not quiet)
+        size = batch_size_for(config, problem)
+        if size != config.batch_runs:
+            tasks, results = pending_tasks(config, methods, seeds, out, size)
+    errors: list[str] = []
+    if executor == "ray":
+        from .ray_executor import run_on_ray
+
+        for task, outcomes in run_on_ray(config, tasks, out, ray_address, ray_num_cpus, quiet, log):
+            saved, failed = finish_task(config, task, outcomes, facts, out, quiet, log)
+            results.setdefault(task.method, {}).update(saved)
+            errors += failed
+    else:
+        for task in tasks:
+            assert problem is not None
+            with tqdm(total=0, desc=f"{config.dataset} {task.method} {task.label}", unit="step", disable=quiet,
                       leave=False, dynamic_ncols=True, mininterval=0.5) as bar:
                 def progress(done: int, total: int, bar: tqdm = bar) -> None:
                     bar.total = total
                     bar.update(done - bar.n)
 
-                checkpoint_dir = Path(out) / config.dataset / method / f".batch_{group[0]:03d}-{group[-1]:03d}"
-                if len(group) == 1:
-                    outcomes: list[Outcome] = [run_one(config, problem, method, group[0], progress)]
-                else:
-                    outcomes = run_batch(config, problem, method, group, checkpoint_dir, progress)
-            errors = []
-            for seed, outcome in zip(group, outcomes):
-                if isinstance(outcome, DivergenceError):
-                    errors.append(f"{method} run {seed}: {outcome}")
-                    continue
-                result: RunResult = outcome
-                result.extra.update(facts, torch=torch.__version__, threads=torch.get_num_threads())
-                identity = run_identity(config, method, seed)
-                results.setdefault(method, {})[seed] = save_run(run_dir(out, config.dataset, method, seed), identity,
-                                                                result)
-                if not quiet:
-                    log(f"{config.dataset} {method} run {seed}: test acc {result.final_test_acc:.4f}, "
-                        f"lambda1 {result.final_lambda1:.3f}, T {result.final_temperature:.3f}, "
-                        f"{result.wall_s:.1f} s")
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
-            if errors:
-                raise DivergenceError("; ".join(errors))
-    return {method: [by_seed[seed] for seed in sorted(by_seed)] for method, by_seed in results.items()}
+                outcomes = run_task(config, problem, task, out, progress)
+            saved, failed = finish_task(config, task, outcomes, facts, out, quiet, log)
+            results.setdefault(task.method, {}).update(saved)
+            if failed:
+                raise DivergenceError("; ".join(failed))
+    if errors:
+        raise DivergenceError("; ".join(errors))
+    return {method: [by_seed[seed] for seed in sorted(by_seed)] for method in methods
+            if (by_seed := results.get(method))}
+
+
+def run_ddp(config: ExperimentConfig, method: str, seeds: list[int], out: Path, quiet: bool = False,
+            log: Callable[[str], None] = print) -> dict[str, list[dict]] | None:
+    """The runs of `method`, each one student trained data-parallel by every rank of a torchrun launch
+    (see ddp.fit_ddp). Rank 0 writes the records and gets {method: [result, ...]}; other ranks get None."""
+    if method == "hyperopt":
+        raise ConfigError("--ddp trains one student with a metaparameter strategy; hyperopt is not supported")
+    if config.hypergrad_method != "jvp":
+        raise ConfigError("--ddp computes hypergradients by the jvp method only (DDP cannot double-backward)")
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ConfigError("--ddp runs under torchrun, e.g. torchrun --nproc-per-node 2 -m metadistill.cli run "
+                          "--dataset D --method M --ddp")
+    import torch.distributed as dist
+
+    from .ddp import fit_ddp, init_from_env
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    rank, world = init_from_env(config.device)
+    results: dict[int, dict] = {}
+    loaded: tuple[Problem, dict[str, Any]] | None = None
+    for seed in seeds:
+        directory = run_dir(out, config.dataset, method, seed)
+        identity = run_identity(config, method, seed)
+        finished = load_finished(directory, identity)
+        if finished is not None:
+            results[seed] = finished
+            continue
+        if loaded is None:
+            if rank != 0:
+                dist.barrier()  # rank 0 trains the teacher into the cache first
+            loaded = load_problem(config, progress=not quiet and rank == 0)
+            if rank == 0:
+                dist.barrier()
+        problem, facts = loaded
+        result = fit_ddp(problem, config.strategy(method), config.train_config(), seed)
+        if rank == 0:
+            result.extra.update(facts, torch=torch.__version__, threads=torch.get_num_threads())
+            results[seed] = save_run(directory, identity, result)
+            if not quiet:
+                log(f"{config.dataset} {method} run {seed} on {world} ranks: test acc {result.final_test_acc:.4f}, "
+                    f"lambda1 {result.final_lambda1:.3f}, T {result.final_temperature:.3f}, {result.wall_s:.1f} s")
+        dist.barrier()
+    return {method: [results[seed] for seed in sorted(results)]} if rank == 0 else None

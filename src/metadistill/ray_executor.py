@@ -1,0 +1,70 @@
+"""The Ray executor: each task (dataset, method, batch of runs) runs as a Ray task with declared resources.
+
+Only imported with `--executor ray`; ray is an optional extra (pip install 'metadistill[ray]'). The
+driver (the process that called run_experiment) submits the pending tasks, and writes each task's
+records itself as soon as the task returns, so workers need no shared file system for the records
+(a batch's epoch checkpoints are written on the worker, under the same --out path). Without an
+address, a local Ray runtime is started and shut down at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from .batched import Outcome
+from .config import ConfigError, ExperimentConfig
+
+
+def _task(config_values: dict, method: str, seeds: list[int], out: str) -> list[Outcome]:
+    """Runs on a Ray worker: load the problem (data, cached teacher) and train the task's runs."""
+    import torch
+
+    from .experiment import Task, load_problem, run_task
+    from .runtime import keep_freed_memory
+
+    keep_freed_memory()
+    config = ExperimentConfig(**config_values)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    problem, _ = load_problem(config, progress=False)
+    outcomes = run_task(config, problem, Task(method, seeds), Path(out))
+    for outcome in outcomes:
+        if not isinstance(outcome, Exception):
+            outcome.extra.update(torch=torch.__version__, threads=torch.get_num_threads(), executor="ray")
+    return outcomes
+
+
+def resources(config: ExperimentConfig) -> dict[str, float]:
+    """What one task declares: its torch threads in CPUs (1 when threads is 0), and one GPU on cuda."""
+    return {"num_cpus": float(config.threads or 1), "num_gpus": 1.0 if config.device.startswith("cuda") else 0.0}
+
+
+def run_on_ray(config: ExperimentConfig, tasks: list, out: Path, address: str | None = None,
+               num_cpus: int | None = None, quiet: bool = False,
+               log: Callable[[str], None] = print) -> Iterator[tuple]:
+    """Yield (task, outcomes) for every task, in the order they finish."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--executor ray needs ray: pip install 'metadistill[ray]'") from None
+    if not tasks:
+        return
+    started_here = not ray.is_initialized()
+    if started_here:
+        options = {"address": address} if address else {"num_cpus": num_cpus, "include_dashboard": False}
+        ray.init(**options, log_to_driver=not quiet, configure_logging=False)
+    try:
+        remote = ray.remote(_task).options(**resources(config), max_retries=0)
+        values = dataclasses.asdict(config)
+        pending = {remote.remote(values, task.method, task.seeds, str(Path(out).resolve())): task for task in tasks}
+        if not quiet:
+            log(f"ray: {len(pending)} task(s) submitted ({resources(config)} each)")
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            task = pending.pop(done[0])
+            yield task, ray.get(done[0])
+    finally:
+        if started_here:
+            ray.shutdown()

@@ -1,0 +1,98 @@
+"""The Ray executor (an optional extra): the same records as in-process, resume after a kill; ray never needed."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+GRID = ["reproduce", "--dataset", "synthetic", "--quick", "--runs", "2", "--quiet"]
+
+
+def cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "metadistill.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def results(out):
+    """{(method, seed): result.json without its timings}, and every history.jsonl."""
+    found = {}
+    for path in sorted(out.glob("synthetic/*/run_*/result.json")):
+        record = json.loads(path.read_text())
+        for key in ("wall_s", "extra"):
+            record.pop(key)
+        found[(record["method"], record["seed"])] = (record, (path.parent / "history.jsonl").read_text())
+    return found
+
+
+def test_the_default_executor_never_imports_ray(tmp_path):
+    code = ("import sys; from metadistill.cli import main; "
+            f"code = main({GRID + ['--methods', 'naive', '--out', str(tmp_path)]!r}); "
+            "assert code == 0, code; assert 'ray' not in sys.modules, 'ray was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+
+
+def test_ray_executor_without_ray_installed_is_one_clear_error(tmp_path):
+    code = ("import sys; sys.modules['ray'] = None; from metadistill.cli import main; "
+            f"sys.exit(main({GRID + ['--methods', 'naive', '--executor', 'ray', '--out', str(tmp_path)]!r}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "metadistill: error: --executor ray needs ray: pip install 'metadistill[ray]'"]
+
+
+def test_ray_options_need_the_ray_executor(tmp_path):
+    done = cli(*GRID, "--out", str(tmp_path), "--ray-num-cpus", "2")
+    assert done.returncode == 2 and "need --executor ray" in done.stderr
+
+
+def test_ray_grid_writes_the_same_records_and_report_as_in_process(tmp_path):
+    pytest.importorskip("ray")
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    done = cli(*GRID, "--out", str(local))
+    assert done.returncode == 0, done.stderr
+    done = cli(*GRID, "--out", str(on_ray), "--executor", "ray", "--ray-num-cpus", "2")
+    assert done.returncode == 0, done.stderr
+    expected, got = results(local), results(on_ray)
+    assert len(expected) == 12 and got == expected
+    extras = [json.loads(p.read_text())["extra"] for p in on_ray.glob("synthetic/*/run_*/result.json")]
+    assert all(extra["executor"] == "ray" for extra in extras)
+
+    def table(out):
+        with open(out / "results.csv") as handle:
+            return [{k: v for k, v in row.items() if "wall" not in k} for row in csv.DictReader(handle)]
+
+    assert table(on_ray) == table(local)
+    report = (on_ray / "report.md").read_text()
+    assert "## synthetic" in report and "figures/synthetic_trajectories.png" in report
+
+
+def test_killed_ray_grid_reruns_only_the_missing_runs(tmp_path):
+    pytest.importorskip("ray")
+    out = tmp_path / "records"
+    command = [sys.executable, "-m", "metadistill.cli", *GRID, "--runs", "3", "--methods", "naive,gradient,proposed",
+               "--set", "batch_runs=1", "--set", "epochs=3000", "--out", str(out), "--executor", "ray",
+               "--ray-num-cpus", "2"]
+
+    def finished():
+        return {p: p.stat().st_mtime_ns for p in out.glob("*/*/run_*/result.json")}
+
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while not finished() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and the local Ray runtime it started
+    process.communicate(timeout=60)
+    first = finished()
+    assert 1 <= len(first) < 9
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    second = finished()
+    assert len(second) == 9
+    assert all(second[p] == stamp for p, stamp in first.items())  # finished runs were not redone
