@@ -27,13 +27,24 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .hypergrad import UpdateMap
-from .jvp import ActivationRecord, logits_jvp, record_activations
+from .jvp import ActivationRecord, logits_jvp
 from .losses import mixed_derivative, per_run_distillation_loss, per_run_validation_loss
 from .meta import Metaparameters
 from .records import write_atomic
 from .stacked import stack_models
 from .strategies import Strategy
-from .train import DivergenceError, Problem, RunResult, TrainConfig, build_optimizer
+from .train import (
+    DivergenceError,
+    Evaluations,
+    Problem,
+    RunResult,
+    Schedule,
+    TrainConfig,
+    build_optimizer,
+    build_scheduler,
+    forward_keeping,
+    new_history,
+)
 
 Outcome = RunResult | DivergenceError
 
@@ -171,21 +182,16 @@ def fit_batched(
     model = stack_models(students)
     model.train()
     optimizer = build_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.StepLR(
-        optimizer, step_size=config.lr_decay_every or config.epochs + 1, gamma=config.lr_decay_factor)
-    n_train = len(problem.x_train)
-    steps_per_epoch = 1 if config.batch_size <= 0 else math.ceil(n_train / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    eval_every = config.eval_every or steps_per_epoch
-    train_batches = [IndexStream(n_train, config.batch_size, 2 * seed, device) for seed in seeds]
+    scheduler = build_scheduler(optimizer, config)
+    schedule = Schedule.of(config, len(problem.x_train))
+    train_batches = [IndexStream(len(problem.x_train), config.batch_size, 2 * seed, device) for seed in seeds]
     val_batches = [IndexStream(len(problem.x_val), config.val_batch_size or config.batch_size, 2 * seed + 1,
                                device) for seed in seeds]
 
     lams: list[Metaparameters] = [s.start(seed) for s, seed in zip(strategies, seeds)]
-    histories = [{"lambda1": [], "temperature": [], "train_loss": [], "val_loss": []} for _ in seeds]
-    evals: list[list[dict]] = [[] for _ in seeds]
+    histories = [new_history() for _ in seeds]
+    evaluations = [Evaluations(schedule.steps_per_epoch) for _ in seeds]
     hypergrad_evals = [0] * runs
-    best = [(-1.0, 0.0)] * runs  # (best val acc, test acc there)
     failed: list[str | None] = [None] * runs  # divergence messages
     first_step, earlier_wall = 0, 0.0
     last_saved = time.perf_counter()
@@ -196,7 +202,8 @@ def fit_batched(
                 "train_batches": [b.state_dict() for b in train_batches],
                 "val_batches": [b.state_dict() for b in val_batches],
                 "strategies": [s.state_dict() for s in strategies], "lams": [lam.as_tuple() for lam in lams],
-                "histories": histories, "evals": evals, "hypergrad_evals": hypergrad_evals, "best": best,
+                "histories": histories, "evals": [e.points for e in evaluations],
+                "best": [(e.best_val, e.test_at_best) for e in evaluations], "hypergrad_evals": hypergrad_evals,
                 "failed": failed, "wall_s": earlier_wall + time.perf_counter() - started}
 
     saved = _load_checkpoint(checkpoint, identity, seeds)
@@ -209,7 +216,9 @@ def fit_batched(
         for strategy, strategy_state in zip(strategies, saved["strategies"]):
             strategy.load_state_dict(strategy_state)
         lams = [Metaparameters(*lam) for lam in saved["lams"]]
-        histories, evals, best = saved["histories"], saved["evals"], [tuple(b) for b in saved["best"]]
+        histories = saved["histories"]
+        evaluations = [Evaluations(schedule.steps_per_epoch, points, *best)
+                       for points, best in zip(saved["evals"], saved["best"])]
         hypergrad_evals, failed = saved["hypergrad_evals"], saved["failed"]
         first_step, earlier_wall = saved["step"], saved["wall_s"]
 
@@ -217,16 +226,10 @@ def fit_batched(
         tests = evaluate_runs(model, runs, problem.x_test, problem.y_test, config.t_val)
         vals = evaluate_runs(model, runs, problem.x_val, problem.y_val, config.t_val)
         for r in range(runs):
-            if failed[r] is not None:
-                continue
-            (test_acc, test_loss), (val_acc, val_loss) = tests[r], vals[r]
-            if val_acc > best[r][0]:
-                best[r] = (val_acc, test_acc)
-            evals[r].append({"step": step, "epoch": step / steps_per_epoch, "test_acc": test_acc,
-                             "test_loss": test_loss, "val_acc": val_acc, "val_loss": val_loss,
-                             "lambda1": lams[r].lambda1, "temperature": lams[r].temperature})
+            if failed[r] is None:
+                evaluations[r].add(step, tests[r], vals[r], lams[r])
 
-    for step in range(first_step, total_steps):
+    for step in range(first_step, schedule.total_steps):
         index = torch.stack([batches.next() for batches in train_batches], dim=1)  # [B, R]
         for r in range(runs):
             histories[r]["lambda1"].append(lams[r].lambda1)
@@ -235,13 +238,7 @@ def fit_batched(
         lambda1 = torch.tensor([lam.lambda1 for lam in lams], device=device)
         temperature = torch.tensor([lam.temperature for lam in lams], device=device)
         x, y, teacher = problem.x_train[index], problem.y_train[index], problem.teacher_train[index]
-        if any(wants):
-            params = {name: p.detach().clone() for name, p in model.named_parameters()}
-            buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-            with record_activations(model) as record:
-                logits = model(x)
-        else:
-            logits = model(x)
+        logits, kept = forward_keeping(model, x, any(wants))
         lambda1, temperature = lambda1.to(logits.dtype), temperature.to(logits.dtype)
         losses = per_run_distillation_loss(logits, teacher, y, lambda1, temperature, config.t2_scaling)
         optimizer.zero_grad(set_to_none=True)
@@ -251,9 +248,7 @@ def fit_batched(
         loss_values = losses.detach().tolist()
         for r, value in enumerate(loss_values):
             if failed[r] is None and not math.isfinite(value):
-                failed[r] = (f"training diverged at step {step} (epoch {step // steps_per_epoch}): loss {value} "
-                             f"with lambda1={lams[r].lambda1:.4g}, T={lams[r].temperature:.4g}, "
-                             f"lr={optimizer.param_groups[0]['lr']:.4g}")
+                failed[r] = schedule.divergence(step, value, lams[r], optimizer.param_groups[0]["lr"])
                 wants[r] = False
         for r in range(runs):
             histories[r]["train_loss"].append(loss_values[r])
@@ -261,13 +256,13 @@ def fit_batched(
 
         rows: list[list[float]] = []
         if any(wants):
-            assert update is not None
+            assert update is not None and kept is not None
             # Every run that wants the hypergradient draws its own validation batch, as `fit` does; the
             # others, computed alongside, borrow one and their rows are discarded.
             drawn = {r: val_batches[r].next() for r in range(runs) if wants[r]}
             filler = next(iter(drawn.values()))
             v_index = torch.stack([drawn.get(r, filler) for r in range(runs)], dim=1)
-            taken = _Step(params, buffers, x, y, teacher, lambda1, temperature, logits, record, update)
+            taken = _Step(*kept[:2], x, y, teacher, lambda1, temperature, logits, kept[2], update)
             h, val_losses = per_run_hypergradients(model, taken, problem.x_val[v_index], problem.y_val[v_index],
                                                    config.t_val, config.t2_scaling)
             rows = h.detach().cpu().tolist()
@@ -286,18 +281,18 @@ def fit_batched(
                 return torch.tensor(rows[r], dtype=torch.float64)
 
             lams[r] = strategies[r].advance(step, hypergradient)
-        if (step + 1) % steps_per_epoch == 0:
+        if schedule.ends_epoch(step):
             scheduler.step()
-        if (step + 1) % eval_every == 0 or step + 1 == total_steps:
+        if schedule.evaluates(step):
             record_eval(step + 1)
-        if (checkpoint is not None and (step + 1) % steps_per_epoch == 0 and step + 1 < total_steps
+        if (checkpoint is not None and schedule.ends_epoch(step) and step + 1 < schedule.total_steps
                 and time.perf_counter() - last_saved >= checkpoint_every_s):
             buffer = io.BytesIO()
             torch.save(state(), buffer)
             write_atomic(checkpoint, buffer.getvalue())
             last_saved = time.perf_counter()
         if progress is not None:
-            progress(step + 1, total_steps)
+            progress(step + 1, schedule.total_steps)
         if all(message is not None for message in failed):
             break
 
@@ -308,13 +303,9 @@ def fit_batched(
         if message is not None:
             outcomes.append(DivergenceError(message))
             continue
-        final = evals[r][-1]
-        outcomes.append(RunResult(
-            method=strategies[r].name, seed=seeds[r], final_test_acc=final["test_acc"],
-            final_val_acc=final["val_acc"], best_val_acc=best[r][0], test_acc_at_best_val=best[r][1],
-            final_lambda1=lams[r].lambda1, final_temperature=lams[r].temperature, steps=total_steps,
-            hypergrad_evals=hypergrad_evals[r], full_trainings=1, wall_s=wall / runs, history=histories[r],
-            evals=evals[r], extra={"batch_runs": runs, "batch_wall_s": wall}))
+        outcomes.append(evaluations[r].result(strategies[r].name, seeds[r], lams[r], schedule.total_steps,
+                                              hypergrad_evals[r], wall / runs, histories[r],
+                                              {"batch_runs": runs, "batch_wall_s": wall}))
     return outcomes
 
 

@@ -26,21 +26,19 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .hypergrad import TrainStep, UpdateMap, mixed_product
-from .jvp import record_activations
+from .hypergrad import mixed_product
 from .losses import distillation_loss, validation_loss
 from .meta import Metaparameters
 from .strategies import Strategy
 from .train import (
-    DivergenceError,
     Problem,
     RunResult,
     TakenStep,
     TrainConfig,
-    _batches,
-    _refuse,
     build_optimizer,
-    evaluate,
+    forward_keeping,
+    optimizer_step,
+    run_loop,
 )
 
 
@@ -83,27 +81,14 @@ def _ddp_train_step(ddp: DistributedDataParallel, optimizer: torch.optim.Optimiz
     A non-finite global loss is returned without stepping (on every rank alike).
     """
     module = ddp.module
-    if keep_for_hypergradient:
-        params = {name: p.detach().clone() for name, p in module.named_parameters()}
-        buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
-        with record_activations(module) as record:
-            logits = ddp(x)
-    else:
-        logits = ddp(x)
+    logits, kept = forward_keeping(module, x, keep_for_hypergradient, ddp)
     loss = distillation_loss(logits, teacher, y, lam.lambda1, lam.temperature, t2_scaling)
     loss_value = float(_all_sum(loss * share))
     if not math.isfinite(loss_value):
         return loss_value, None
-    optimizer.zero_grad(set_to_none=True)
     # DDP averages over ranks: sum_r (share_r * world * mean_r) / world is the global-batch mean.
-    (loss * (share * dist.get_world_size())).backward()
-    if not keep_for_hypergradient:
-        optimizer.step()
-        return loss_value, None
-    update = UpdateMap(optimizer)
-    optimizer.step()
-    return loss_value, TakenStep(TrainStep(module, params, buffers, x, y, teacher, lam, t2_scaling, logits, record),
-                                 update)
+    scaled = loss * (share * dist.get_world_size())
+    return loss_value, optimizer_step(module, optimizer, scaled, kept, x, y, teacher, lam, t2_scaling, logits)
 
 
 def _ddp_validation_gradient(ddp: DistributedDataParallel, x_val: Tensor, y_val: Tensor, share: float,
@@ -166,69 +151,21 @@ def fit_ddp(
     module.train()
     ddp = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(module, config)
-    scheduler = torch.optim.lr_scheduler.StepLR(
-        optimizer, step_size=config.lr_decay_every or config.epochs + 1, gamma=config.lr_decay_factor)
-    train_order = torch.Generator().manual_seed(2 * seed)
-    val_order = torch.Generator().manual_seed(2 * seed + 1)
-    n_train = len(problem.x_train)
-    steps_per_epoch = 1 if config.batch_size <= 0 else math.ceil(n_train / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    eval_every = config.eval_every or steps_per_epoch
-    val_batches = _batches(len(problem.x_val), config.val_batch_size or config.batch_size, val_order, device)
-    train_batches = _batches(n_train, config.batch_size, train_order, device)
 
-    lam = strategy.start(seed)
-    history: dict[str, list] = {"lambda1": [], "temperature": [], "train_loss": [], "val_loss": []}
-    evals: list[dict] = []
-    hypergrad_evals = 0
-    best_val, test_at_best = -1.0, 0.0
+    train_share = 1.0  # the share of the last step's train shard, for its hypergradient's all-reduce
 
-    def record_eval(step: int) -> None:
-        nonlocal best_val, test_at_best
-        test_acc, test_loss = evaluate(module, problem.x_test, problem.y_test, config.t_val)
-        val_acc, val_loss = evaluate(module, problem.x_val, problem.y_val, config.t_val)
-        if val_acc > best_val:
-            best_val, test_at_best = val_acc, test_acc
-        evals.append({"step": step, "epoch": step / steps_per_epoch, "test_acc": test_acc,
-                      "test_loss": test_loss, "val_acc": val_acc, "val_loss": val_loss,
-                      "lambda1": lam.lambda1, "temperature": lam.temperature})
+    def take_step(index: Tensor, lam: Metaparameters, wants: bool) -> tuple[float, TakenStep | None]:
+        nonlocal train_share
+        local, train_share = _shard(index)
+        return _ddp_train_step(ddp, optimizer, problem.x_train[local], problem.y_train[local],
+                               problem.teacher_train[local], train_share, lam, config.t2_scaling, wants)
 
-    for step in range(total_steps):
-        index, share = _shard(next(train_batches))
-        history["lambda1"].append(lam.lambda1)
-        history["temperature"].append(lam.temperature)
-        wants = strategy.wants_hypergradient(step)
-        loss_value, taken = _ddp_train_step(ddp, optimizer, problem.x_train[index], problem.y_train[index],
-                                            problem.teacher_train[index], share, lam, config.t2_scaling, wants)
-        if not math.isfinite(loss_value):
-            raise DivergenceError(
-                f"training diverged at step {step} (epoch {step // steps_per_epoch}): loss {loss_value} "
-                f"with lambda1={lam.lambda1:.4g}, T={lam.temperature:.4g}, lr={optimizer.param_groups[0]['lr']:.4g}")
-        history["train_loss"].append(loss_value)
-        history["val_loss"].append(None)
+    def hypergradient_of(taken: TakenStep, v_index: Tensor) -> tuple[Tensor, float]:
+        local, v_share = _shard(v_index)
+        return _ddp_hypergradient(ddp, taken, train_share, problem.x_val[local], problem.y_val[local], v_share,
+                                  config.t_val)
 
-        def hypergradient(taken: TakenStep | None = taken, share: float = share) -> Tensor:
-            nonlocal hypergrad_evals
-            assert taken is not None
-            hypergrad_evals += 1
-            v_index, v_share = _shard(next(val_batches))
-            h, val_loss = _ddp_hypergradient(ddp, taken, share, problem.x_val[v_index], problem.y_val[v_index],
-                                             v_share, config.t_val)
-            history["val_loss"][-1] = val_loss
-            return h
-
-        lam = strategy.advance(step, hypergradient if wants else _refuse)
-        if (step + 1) % steps_per_epoch == 0:
-            scheduler.step()
-        if (step + 1) % eval_every == 0 or step + 1 == total_steps:
-            record_eval(step + 1)
-        if progress is not None:
-            progress(step + 1, total_steps)
-
-    final = evals[-1]
-    return RunResult(
-        method=strategy.name, seed=seed, final_test_acc=final["test_acc"], final_val_acc=final["val_acc"],
-        best_val_acc=best_val, test_acc_at_best_val=test_at_best, final_lambda1=lam.lambda1,
-        final_temperature=lam.temperature, steps=total_steps, hypergrad_evals=hypergrad_evals,
-        full_trainings=1, wall_s=time.perf_counter() - started, history=history, evals=evals,
-        extra={"world_size": dist.get_world_size()})
+    result = run_loop(problem, strategy, config, seed, module, optimizer, take_step, hypergradient_of, progress,
+                      started)
+    result.extra["world_size"] = dist.get_world_size()
+    return result

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .hypergrad import HYPERGRADIENT_METHODS, TrainStep, UpdateMap, step_hypergradient
-from .jvp import record_activations
+from .jvp import ActivationRecord, record_activations
 from .losses import distillation_loss, validation_loss
 from .meta import Metaparameters
 from .strategies import Strategy
@@ -131,11 +131,94 @@ def _batches(n: int, size: int, generator: torch.Generator, device: torch.device
         yield from order.split(size)
 
 
+def batch_streams(problem: Problem, config: TrainConfig, seed: int, device: torch.device
+                  ) -> tuple[Iterator[Tensor], Iterator[Tensor]]:
+    """The run's train and validation index batches (generators seeded 2 * seed and 2 * seed + 1)."""
+    train = _batches(len(problem.x_train), config.batch_size, torch.Generator().manual_seed(2 * seed), device)
+    val = _batches(len(problem.x_val), config.val_batch_size or config.batch_size,
+                   torch.Generator().manual_seed(2 * seed + 1), device)
+    return train, val
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                            weight_decay=config.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.StepLR:
+    """The lr schedule, stepped once per epoch: x lr_decay_factor every lr_decay_every epochs (0: never)."""
+    return torch.optim.lr_scheduler.StepLR(
+        optimizer, step_size=config.lr_decay_every or config.epochs + 1, gamma=config.lr_decay_factor)
+
+
+@dataclass
+class Schedule:
+    """Steps of a run: epochs of `steps_per_epoch` steps, an evaluation every `eval_every` steps and at the end."""
+
+    steps_per_epoch: int
+    total_steps: int
+    eval_every: int
+
+    @classmethod
+    def of(cls, config: TrainConfig, n_train: int) -> Schedule:
+        steps_per_epoch = 1 if config.batch_size <= 0 else math.ceil(n_train / config.batch_size)
+        return cls(steps_per_epoch, steps_per_epoch * config.epochs, config.eval_every or steps_per_epoch)
+
+    def ends_epoch(self, step: int) -> bool:
+        return (step + 1) % self.steps_per_epoch == 0
+
+    def evaluates(self, step: int) -> bool:
+        return (step + 1) % self.eval_every == 0 or step + 1 == self.total_steps
+
+    def divergence(self, step: int, loss: float, lam: Metaparameters, lr: float) -> str:
+        return (f"training diverged at step {step} (epoch {step // self.steps_per_epoch}): loss {loss} "
+                f"with lambda1={lam.lambda1:.4g}, T={lam.temperature:.4g}, lr={lr:.4g}")
+
+
+@dataclass
+class Evaluations:
+    """A run's evaluation points, with the best validation accuracy and the test accuracy at it."""
+
+    steps_per_epoch: int
+    points: list[dict] = field(default_factory=list)
+    best_val: float = -1.0
+    test_at_best: float = 0.0
+
+    def add(self, step: int, test: tuple[float, float], val: tuple[float, float], lam: Metaparameters) -> None:
+        if val[0] > self.best_val:
+            self.best_val, self.test_at_best = val[0], test[0]
+        self.points.append({"step": step, "epoch": step / self.steps_per_epoch, "test_acc": test[0],
+                            "test_loss": test[1], "val_acc": val[0], "val_loss": val[1],
+                            "lambda1": lam.lambda1, "temperature": lam.temperature})
+
+    def result(self, method: str, seed: int, lam: Metaparameters, steps: int, hypergrad_evals: int, wall_s: float,
+               history: dict[str, list], extra: dict | None = None) -> RunResult:
+        final = self.points[-1]
+        return RunResult(
+            method=method, seed=seed, final_test_acc=final["test_acc"], final_val_acc=final["val_acc"],
+            best_val_acc=self.best_val, test_acc_at_best_val=self.test_at_best, final_lambda1=lam.lambda1,
+            final_temperature=lam.temperature, steps=steps, hypergrad_evals=hypergrad_evals, full_trainings=1,
+            wall_s=wall_s, history=history, evals=self.points, extra=extra or {})
+
+
+def new_history() -> dict[str, list]:
+    return {"lambda1": [], "temperature": [], "train_loss": [], "val_loss": []}
+
+
+def forward_keeping(model: nn.Module, x: Tensor, keep: bool, call: Callable[[Tensor], Tensor] | None = None
+                    ) -> tuple[Tensor, tuple[dict[str, Tensor], dict[str, Tensor], ActivationRecord] | None]:
+    """The logits of `call` (default: the model) on x; with `keep`, also what the step's hypergradient
+    needs: the model's weights and buffers before the step and the activations of this forward pass."""
+    call = call or model
+    if not keep:
+        return call(x), None
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    with record_activations(model) as record:
+        logits = call(x)
+    return logits, (params, buffers, record)
 
 
 def _refuse() -> Tensor:
@@ -162,26 +245,28 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y:
     """One real distillation step. With `keep_for_hypergradient`, the weights before the step and the
     forward pass's activations are kept so that the step doubles as the virtual step of the greedy
     hypergradient. A non-finite loss is returned without stepping."""
-    if keep_for_hypergradient:
-        params = {name: p.detach().clone() for name, p in model.named_parameters()}
-        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-        with record_activations(model) as record:
-            logits = model(x)
-    else:
-        logits = model(x)
+    logits, kept = forward_keeping(model, x, keep_for_hypergradient)
     loss = distillation_loss(logits, teacher, y, lam.lambda1, lam.temperature, t2_scaling)
     loss_value = float(loss.detach())
     if not math.isfinite(loss_value):
         return loss_value, None
+    return loss_value, optimizer_step(model, optimizer, loss, kept, x, y, teacher, lam, t2_scaling, logits)
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: Tensor,
+                   kept: tuple[dict[str, Tensor], dict[str, Tensor], ActivationRecord] | None, x: Tensor, y: Tensor,
+                   teacher: Tensor, lam: Metaparameters, t2_scaling: bool, logits: Tensor) -> TakenStep | None:
+    """Backward of `loss` and the optimizer step; with what `forward_keeping` kept, the TakenStep whose
+    hypergradient can then be computed (the UpdateMap is read around the step)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if not keep_for_hypergradient:
+    if kept is None:
         optimizer.step()
-        return loss_value, None
+        return None
+    params, buffers, record = kept
     update = UpdateMap(optimizer)
     optimizer.step()
-    return loss_value, TakenStep(TrainStep(model, params, buffers, x, y, teacher, lam, t2_scaling, logits, record),
-                                 update)
+    return TakenStep(TrainStep(model, params, buffers, x, y, teacher, lam, t2_scaling, logits, record), update)
 
 
 def fit(
@@ -202,44 +287,53 @@ def fit(
     model = problem.make_student().to(device)
     model.train()
     optimizer = build_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.StepLR(
-        optimizer, step_size=config.lr_decay_every or config.epochs + 1, gamma=config.lr_decay_factor)
-    train_order = torch.Generator().manual_seed(2 * seed)
-    val_order = torch.Generator().manual_seed(2 * seed + 1)
-    n_train = len(problem.x_train)
-    steps_per_epoch = 1 if config.batch_size <= 0 else math.ceil(n_train / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    eval_every = config.eval_every or steps_per_epoch
-    val_batches = _batches(len(problem.x_val), config.val_batch_size or config.batch_size, val_order, device)
-    train_batches = _batches(n_train, config.batch_size, train_order, device)
 
+    def take_step(index: Tensor, lam: Metaparameters, wants: bool) -> tuple[float, TakenStep | None]:
+        return train_step(model, optimizer, problem.x_train[index], problem.y_train[index],
+                          problem.teacher_train[index], lam, config.t2_scaling, wants)
+
+    def hypergradient_of(taken: TakenStep, v_index: Tensor) -> tuple[Tensor, float]:
+        return taken.hypergradient(problem.x_val[v_index], problem.y_val[v_index], config.t_val,
+                                   config.hypergrad_method)
+
+    return run_loop(problem, strategy, config, seed, model, optimizer, take_step, hypergradient_of, progress,
+                    started)
+
+
+def run_loop(
+    problem: Problem,
+    strategy: Strategy,
+    config: TrainConfig,
+    seed: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    take_step: Callable[[Tensor, Metaparameters, bool], tuple[float, TakenStep | None]],
+    hypergradient_of: Callable[[TakenStep, Tensor], tuple[Tensor, float]],
+    progress: Callable[[int, int], None] | None = None,
+    started: float | None = None,
+) -> RunResult:
+    """The training loop of one run: batches, the strategy's lambda at every step, hypergradients where it
+    asks, the lr schedule and evaluations. `take_step(index, lam, wants)` takes the real step on the
+    train batch `index`; `hypergradient_of(taken, val_index)` returns (h, L_val) of a step taken with
+    wants=True. `fit` gives them one process; `ddp.fit_ddp` its shard of each batch."""
+    started = time.perf_counter() if started is None else started
+    device = next(model.parameters()).device
+    scheduler = build_scheduler(optimizer, config)
+    schedule = Schedule.of(config, len(problem.x_train))
+    train_batches, val_batches = batch_streams(problem, config, seed, device)
     lam = strategy.start(seed)
-    history: dict[str, list] = {"lambda1": [], "temperature": [], "train_loss": [], "val_loss": []}
-    evals: list[dict] = []
+    history = new_history()
+    evaluations = Evaluations(schedule.steps_per_epoch)
     hypergrad_evals = 0
-    best_val, test_at_best = -1.0, 0.0
 
-    def record_eval(step: int) -> None:
-        nonlocal best_val, test_at_best
-        test_acc, test_loss = evaluate(model, problem.x_test, problem.y_test, config.t_val)
-        val_acc, val_loss = evaluate(model, problem.x_val, problem.y_val, config.t_val)
-        if val_acc > best_val:
-            best_val, test_at_best = val_acc, test_acc
-        evals.append({"step": step, "epoch": step / steps_per_epoch, "test_acc": test_acc,
-                      "test_loss": test_loss, "val_acc": val_acc, "val_loss": val_loss,
-                      "lambda1": lam.lambda1, "temperature": lam.temperature})
-
-    for step in range(total_steps):
+    for step in range(schedule.total_steps):
         index = next(train_batches)
         history["lambda1"].append(lam.lambda1)
         history["temperature"].append(lam.temperature)
         wants = strategy.wants_hypergradient(step)
-        loss_value, taken = train_step(model, optimizer, problem.x_train[index], problem.y_train[index],
-                                       problem.teacher_train[index], lam, config.t2_scaling, wants)
+        loss_value, taken = take_step(index, lam, wants)
         if not math.isfinite(loss_value):
-            raise DivergenceError(
-                f"training diverged at step {step} (epoch {step // steps_per_epoch}): loss {loss_value} "
-                f"with lambda1={lam.lambda1:.4g}, T={lam.temperature:.4g}, lr={optimizer.param_groups[0]['lr']:.4g}")
+            raise DivergenceError(schedule.divergence(step, loss_value, lam, optimizer.param_groups[0]["lr"]))
         history["train_loss"].append(loss_value)
         history["val_loss"].append(None)
 
@@ -247,23 +341,17 @@ def fit(
             nonlocal hypergrad_evals
             assert taken is not None
             hypergrad_evals += 1
-            v_index = next(val_batches)
-            h, val_loss = taken.hypergradient(problem.x_val[v_index], problem.y_val[v_index], config.t_val,
-                                              config.hypergrad_method)
-            history["val_loss"][-1] = val_loss
+            h, history["val_loss"][-1] = hypergradient_of(taken, next(val_batches))
             return h
 
         lam = strategy.advance(step, hypergradient if wants else _refuse)
-        if (step + 1) % steps_per_epoch == 0:
+        if schedule.ends_epoch(step):
             scheduler.step()
-        if (step + 1) % eval_every == 0 or step + 1 == total_steps:
-            record_eval(step + 1)
+        if schedule.evaluates(step):
+            evaluations.add(step + 1, evaluate(model, problem.x_test, problem.y_test, config.t_val),
+                            evaluate(model, problem.x_val, problem.y_val, config.t_val), lam)
         if progress is not None:
-            progress(step + 1, total_steps)
+            progress(step + 1, schedule.total_steps)
 
-    final = evals[-1]
-    return RunResult(
-        method=strategy.name, seed=seed, final_test_acc=final["test_acc"], final_val_acc=final["val_acc"],
-        best_val_acc=best_val, test_acc_at_best_val=test_at_best, final_lambda1=lam.lambda1,
-        final_temperature=lam.temperature, steps=total_steps, hypergrad_evals=hypergrad_evals,
-        full_trainings=1, wall_s=time.perf_counter() - started, history=history, evals=evals)
+    return evaluations.result(strategy.name, seed, lam, schedule.total_steps, hypergrad_evals,
+                              time.perf_counter() - started, history)
