@@ -39,6 +39,7 @@ from metadistill.losses import distillation_loss
 from metadistill.meta import Metaparameters
 from metadistill.models import count_parameters, fashion_student
 from metadistill.report import cpu_model
+from metadistill.runtime import keep_freed_memory
 from metadistill.strategies import LinearTrajectory
 from metadistill.train import TakenStep, TrainConfig, build_optimizer, train_step
 
@@ -230,7 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, default=150.0,
                         help="start no timed round after this many seconds; 0: no limit (default 150)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and of the initial weights")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc settings alone (the CLI tunes them: runtime.keep_freed_memory)")
     args = parser.parse_args(argv)
+    tuned = False if args.default_malloc else keep_freed_memory()
     if args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.budget < 0:
         parser.error("--steps and --repeats must be >= 1, --warmup and --budget >= 0")
 
@@ -242,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         proposed_variant(data, args.seed),
     ]
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu_model()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu_model()}, malloc tuned: {tuned}")
     print(f"fashion_student: {count_parameters(fashion_student())} parameters; batch {BATCH}, "
           f"validation batch {VAL_BATCH}, SGD lr {LR}, lambda1 {LAM.lambda1}, T {LAM.temperature}")
     print(f"{args.repeats} rounds of {args.steps} steps per variant ({BLOCK}-step blocks for the proposed "
