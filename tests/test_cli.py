@@ -105,14 +105,14 @@ def test_reproduce_all_methods_and_report(tmp_path, capsys):
 
 
 def test_interrupted_reproduce_resumes_without_redoing_finished_runs(tmp_path):
-    """Killed (SIGKILL), then interrupted (Ctrl-C), then rerun: finished runs are never redone."""
+    """Killed (SIGKILL), interrupted (Ctrl-C), stopped (SIGTERM), then rerun: finished runs are never redone."""
     import signal
     import time
 
     out = tmp_path / "records"
     command = [sys.executable, "-m", "metadistill.cli", "reproduce", "--dataset", "synthetic", "--runs", "3",
                "--methods", "naive,gradient", "--out", str(out), "--set", "epochs=1500",
-               "--set", "teacher_steps=2000", "--quiet"]
+               "--set", "teacher_steps=2000", "--set", "batch_runs=1", "--quiet"]
 
     def finished():
         return {p: p.stat().st_mtime_ns for p in out.glob("*/*/run_*/result.json")}
@@ -130,11 +130,13 @@ def test_interrupted_reproduce_resumes_without_redoing_finished_runs(tmp_path):
     assert code == -signal.SIGKILL
     first = finished()
     assert 1 <= len(first) < 6
-    code, err = start_and_stop_after(len(first) + 1, signal.SIGINT)
-    second = finished()
-    if len(second) < 6:  # it was interrupted mid-way, as intended
-        assert code == 130 and "rerun the same command to resume" in err
-    assert all(second[p] == stamp for p, stamp in first.items())
+    second = first
+    for sig, expected in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):  # Ctrl-C, then kill
+        code, err = start_and_stop_after(len(second) + 1, sig)
+        before, second = second, finished()
+        if len(second) < 6:  # it was stopped mid-way, as intended
+            assert code == expected and "rerun the same command to resume" in err
+        assert all(second[p] == stamp for p, stamp in before.items())
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     third = finished()

@@ -58,6 +58,7 @@ def test_ray_grid_writes_the_same_records_and_report_as_in_process(tmp_path):
     assert done.returncode == 0, done.stderr
     done = cli(*GRID, "--out", str(on_ray), "--executor", "ray", "--ray-num-cpus", "2")
     assert done.returncode == 0, done.stderr
+    assert not list(local.glob("synthetic/*/.batch_*")) and not list(on_ray.glob("synthetic/*/.batch_*"))
     expected, got = results(local), results(on_ray)
     assert len(expected) == 12 and got == expected
     extras = [json.loads(p.read_text())["extra"] for p in on_ray.glob("synthetic/*/run_*/result.json")]

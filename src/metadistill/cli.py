@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -18,6 +19,15 @@ from .train import DivergenceError
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a scheduler's stop), handled like Ctrl-C: finished work is kept."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 class _Parser(argparse.ArgumentParser):
@@ -204,6 +214,7 @@ def _report(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except (ConfigError, RecordError, DataError) as error:
@@ -212,9 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     except DivergenceError as error:
         print(f"metadistill: error: {error}; finished runs are kept in the records directory", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print("metadistill: interrupted; finished runs are kept, rerun the same command to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
