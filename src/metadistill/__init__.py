@@ -1,9 +1,10 @@
 """metadistill: gradient-based tuning of knowledge-distillation metaparameters (lambda1, T)."""
 
+from .batched import fit_batched
 from .hypergrad import HYPERGRADIENT_METHODS, UpdateMap, greedy_hypergradient
 from .losses import distillation_loss, mixed_derivative, validation_loss
 from .meta import Metaparameters
-from .search import hyperopt_search
+from .search import hyperopt_search, hyperopt_search_batched
 from .strategies import Fixed, Gradient, LinearTrajectory, MetaOptimizer, Random, Strategy, random_metaparameters
 from .train import DivergenceError, Problem, RunResult, TakenStep, TrainConfig, evaluate, fit, train_step
 
@@ -27,8 +28,10 @@ __all__ = [
     "distillation_loss",
     "evaluate",
     "fit",
+    "fit_batched",
     "greedy_hypergradient",
     "hyperopt_search",
+    "hyperopt_search_batched",
     "mixed_derivative",
     "random_metaparameters",
     "train_step",
