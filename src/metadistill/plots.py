@@ -37,8 +37,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _band(ax, x, values, color, label, log=False):
-    """Mean +- sd over runs (rows of `values`); on a log axis both are taken of log10 of the values."""
+def _band(ax, x, values, color, label, log=False, bounds=None):
+    """Mean +- sd over runs (rows of `values`); on a log axis both are taken of log10 of the values.
+    `bounds` (low, high) clips the band to the values' range (an accuracy's sd band must not pass 1)."""
     values = np.asarray(values, dtype=float)
     if log:
         logs = np.log10(values)
@@ -46,6 +47,8 @@ def _band(ax, x, values, color, label, log=False):
     else:
         mean, sd = values.mean(0), values.std(0)
         low, high = mean - sd, mean + sd
+    if bounds is not None:
+        low, high = np.clip(low, *bounds), np.clip(high, *bounds)
     ax.plot(x, mean, color=color, label=label, linewidth=1.6)
     if len(values) > 1:
         ax.fill_between(x, low, high, color=color, alpha=0.15, linewidth=0)
@@ -115,11 +118,11 @@ def accuracy_curves(dataset: str, by_method: dict[str, list[dict]], path: Path) 
         length = min(len(r["evals"]) for r in runs)
         epochs = [e["epoch"] for e in runs[0]["evals"][:length]]
         _band(ax, epochs, [[e["test_acc"] for e in r["evals"][:length]] for r in runs],
-              COLORS.get(method, "black"), f"{LABELS.get(method, method)} ({_runs(len(runs))})")
+              COLORS.get(method, "black"), f"{LABELS.get(method, method)} ({_runs(len(runs))})", bounds=(0.0, 1.0))
     ax.set_xlabel("epoch (full passes over the training split)")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"{dataset}: test accuracy during training (mean ± sd over runs)"
-                 + ("; hyperopt: its final training" if "hyperopt" in by_method else ""), fontsize=10)
+    ax.set_title(f"{dataset}: test accuracy per epoch, mean ± sd over runs (clipped to [0, 1])"
+                 + ("; hyperopt: final training" if "hyperopt" in by_method else ""), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -135,7 +138,9 @@ def accuracy_vs_cost(dataset: str, by_method: dict[str, list[dict]], path: Path)
         acc = np.array([r["final_test_acc"] for r in runs])
         color = COLORS.get(method, "black")
         ax.scatter(cost, acc, s=14, color=color, alpha=0.45)
-        ax.errorbar(cost.mean(), acc.mean(), yerr=acc.std(ddof=1) if len(acc) > 1 else None, fmt="D",
+        mean, sd = acc.mean(), (acc.std(ddof=1) if len(acc) > 1 else 0.0)
+        yerr = [[mean - max(mean - sd, 0.0)], [min(mean + sd, 1.0) - mean]]  # clipped to [0, 1]
+        ax.errorbar(cost.mean(), mean, yerr=yerr if len(acc) > 1 else None, fmt="D",
                     color=color, markersize=8, capsize=4, label=f"{LABELS.get(method, method)} (mean ± sd)")
     ax.set_xscale("log")
     ax.set_xlabel(f"cost per run, plain-step equivalents (steps + {HYPERGRADIENT_COST} × hypergradients)")
