@@ -11,7 +11,7 @@ training images (422 steps):
 each for "plain" (no distillation: no hypergradient) and "gradient" (a greedy hypergradient after
 every step). Variants are timed round-robin over `--rounds` rounds; medians are reported, and
 `speedup batched10 = 10 x time(R=1) / time(R=10)` for both kinds of step (with R=1 the batched loop
-with one run, as the issue defines it; the line after it compares with the reference loop).
+with one run; the line after it compares with the reference loop).
 
 Run: python bench/throughput.py [--rounds K] [--steps S] [--runs N] [--threads T]
 (about 4 minutes on an idle 2-core CPU with the defaults)
