@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from metadistill.batched import IndexStream, batchable, fit_batched, per_run_hypergradients
+from metadistill.batched import batchable, fit_batched, per_run_hypergradients
 from metadistill.config import build_config
 from metadistill.data.synthetic import synthetic_problem
 from metadistill.hypergrad import validation_gradient
@@ -16,7 +16,7 @@ from metadistill.models import fashion_student, logistic_regression
 from metadistill.search import hyperopt_search, hyperopt_search_batched
 from metadistill.stacked import stack_models
 from metadistill.strategies import Gradient, MetaOptimizer
-from metadistill.train import DivergenceError, Problem, TrainConfig, _batches, fit
+from metadistill.train import DivergenceError, IndexStream, Problem, TrainConfig, fit
 
 SEEDS = [0, 1, 2]
 
@@ -153,16 +153,24 @@ def test_stacked_tape_jvp_equals_forward_mode_and_per_run_hypergradients(float64
     assert callable(per_run_hypergradients)
 
 
-def test_index_stream_draws_the_same_batches_as_the_loop():
+def reference_batches(n, size, seed):
+    """The specified sequence: a fresh seeded permutation per pass, split into `size` (0 or >= n: whole)."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(n, generator=generator)
+        yield from [order] if size <= 0 or size >= n else order.split(size)
+
+
+def test_index_stream_draws_the_specified_batches_and_resumes():
     for n, size in ((10, 3), (10, 0), (10, 20), (128, 16)):
         stream = IndexStream(n, size, 7, torch.device("cpu"))
-        reference = _batches(n, size, torch.Generator().manual_seed(7), torch.device("cpu"))
+        reference = reference_batches(n, size, 7)
         for _ in range(9):
-            assert torch.equal(stream.next(), next(reference))
+            assert torch.equal(next(stream), next(reference))
         copy = IndexStream(n, size, 0, torch.device("cpu"))
         copy.load_state_dict(stream.state_dict())
         for _ in range(5):
-            assert torch.equal(copy.next(), stream.next())
+            assert torch.equal(next(copy), next(stream))
 
 
 def test_batched_hyperopt_equals_one_search_per_run(synthetic):

@@ -2,7 +2,7 @@
 
 Run r of the batch is the same computation as `fit(problem, strategies[r], config, seeds[r])`: the
 same initial weights (the student built after torch.manual_seed(seed)), the same data order (its own
-generators), its own metaparameters, strategy, BatchNorm statistics, greedy hypergradient (the jvp
+index streams), its own metaparameters, strategy, BatchNorm statistics, greedy hypergradient (the jvp
 method) and evaluations. Only the arithmetic is shared: the R students are one stacked model
 (`stacked.stack_models`), the loss is the sum of the R per-run losses, so run r's weights receive
 exactly run r's gradient, and SGD/Adam act element-wise. Results agree with one-at-a-time runs to
@@ -40,6 +40,7 @@ from .train import (
     RunResult,
     Schedule,
     TrainConfig,
+    batch_streams,
     build_optimizer,
     build_scheduler,
     forward_keeping,
@@ -58,38 +59,6 @@ def batchable(problem: Problem, config: TrainConfig) -> bool:
     except NotImplementedError:
         return False
     return True
-
-
-class IndexStream:
-    """Shuffled index batches, a fresh permutation per pass (the sequence of train._batches), with a
-    state that a checkpoint can hold."""
-
-    def __init__(self, n: int, size: int, seed: int, device: torch.device) -> None:
-        self.n, self.size, self.device = n, size, device
-        self.generator = torch.Generator().manual_seed(seed)
-        self.chunks: list[Tensor] = []
-        self.position = 0
-
-    def next(self) -> Tensor:
-        if self.position == len(self.chunks):
-            order = torch.randperm(self.n, generator=self.generator).to(self.device)
-            full = self.size <= 0 or self.size >= self.n
-            self.chunks = [order] if full else list(order.split(self.size))
-            self.position = 0
-        self.position += 1
-        return self.chunks[self.position - 1]
-
-    def state_dict(self) -> dict:
-        order = torch.cat(self.chunks).cpu() if self.chunks else None
-        return {"generator": self.generator.get_state(), "order": order, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        order = state["order"]
-        full = self.size <= 0 or self.size >= self.n
-        self.chunks = [] if order is None else [order.to(self.device)] if full else list(
-            order.to(self.device).split(self.size))
-        self.position = state["position"]
 
 
 @dataclass
@@ -184,9 +153,8 @@ def fit_batched(
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
     schedule = Schedule.of(config, len(problem.x_train))
-    train_batches = [IndexStream(len(problem.x_train), config.batch_size, 2 * seed, device) for seed in seeds]
-    val_batches = [IndexStream(len(problem.x_val), config.val_batch_size or config.batch_size, 2 * seed + 1,
-                               device) for seed in seeds]
+    streams = [batch_streams(problem, config, seed, device) for seed in seeds]
+    train_batches, val_batches = [train for train, _ in streams], [val for _, val in streams]
 
     lams: list[Metaparameters] = [s.start(seed) for s, seed in zip(strategies, seeds)]
     histories = [new_history() for _ in seeds]
@@ -230,7 +198,7 @@ def fit_batched(
                 evaluations[r].add(step, tests[r], vals[r], lams[r])
 
     for step in range(first_step, schedule.total_steps):
-        index = torch.stack([batches.next() for batches in train_batches], dim=1)  # [B, R]
+        index = torch.stack([next(batches) for batches in train_batches], dim=1)  # [B, R]
         for r in range(runs):
             histories[r]["lambda1"].append(lams[r].lambda1)
             histories[r]["temperature"].append(lams[r].temperature)
@@ -259,7 +227,7 @@ def fit_batched(
             assert update is not None and kept is not None
             # Every run that wants the hypergradient draws its own validation batch, as `fit` does; the
             # others, computed alongside, borrow one and their rows are discarded.
-            drawn = {r: val_batches[r].next() for r in range(runs) if wants[r]}
+            drawn = {r: next(val_batches[r]) for r in range(runs) if wants[r]}
             filler = next(iter(drawn.values()))
             v_index = torch.stack([drawn.get(r, filler) for r in range(runs)], dim=1)
             taken = _Step(*kept[:2], x, y, teacher, lambda1, temperature, logits, kept[2], update)

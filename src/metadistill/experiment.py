@@ -100,6 +100,10 @@ class Task:
     def label(self) -> str:
         return f"run {self.seeds[0]}" if len(self.seeds) == 1 else f"runs {self.seeds[0]}-{self.seeds[-1]}"
 
+    def checkpoint_dir(self, out: Path, dataset: str) -> Path:
+        """Where a batch of runs keeps its checkpoints while it trains."""
+        return Path(out) / dataset / self.method / f".batch_{self.seeds[0]:03d}-{self.seeds[-1]:03d}"
+
 
 def run_task(config: ExperimentConfig, problem: Problem, task: Task, out: Path,
              progress: Callable[[int, int], None] | None = None) -> list[Outcome]:
@@ -109,8 +113,7 @@ def run_task(config: ExperimentConfig, problem: Problem, task: Task, out: Path,
             return [run_one(config, problem, task.method, task.seeds[0], progress)]
         except DivergenceError as error:
             return [error]
-    checkpoint_dir = Path(out) / config.dataset / task.method / f".batch_{task.seeds[0]:03d}-{task.seeds[-1]:03d}"
-    return run_batch(config, problem, task.method, task.seeds, checkpoint_dir, progress)
+    return run_batch(config, problem, task.method, task.seeds, task.checkpoint_dir(out, config.dataset), progress)
 
 
 def finish_task(config: ExperimentConfig, task: Task, outcomes: list[Outcome], facts: dict[str, Any], out: Path,
@@ -132,8 +135,7 @@ def finish_task(config: ExperimentConfig, task: Task, outcomes: list[Outcome], f
             log(f"{config.dataset} {task.method} run {seed}: test acc {result.final_test_acc:.4f}, "
                 f"lambda1 {result.final_lambda1:.3f}, T {result.final_temperature:.3f}, {result.wall_s:.1f} s")
     if len(task.seeds) > 1:
-        shutil.rmtree(Path(out) / config.dataset / task.method / f".batch_{task.seeds[0]:03d}-{task.seeds[-1]:03d}",
-                      ignore_errors=True)
+        shutil.rmtree(task.checkpoint_dir(out, config.dataset), ignore_errors=True)
     return saved, errors
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -121,23 +121,45 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, t_val: float = 1.0, batch_s
     return correct / len(x), loss_sum / len(x)
 
 
-def _batches(n: int, size: int, generator: torch.Generator, device: torch.device) -> Iterator[Tensor]:
-    """Shuffled index batches, a fresh permutation per pass; `size` 0 or >= n is the full set."""
-    while True:
-        order = torch.randperm(n, generator=generator).to(device)
-        if size <= 0 or size >= n:
-            yield order
-            continue
-        yield from order.split(size)
+class IndexStream:
+    """Shuffled index batches of range(n): a fresh permutation per pass, split into batches of `size`
+    (0, or >= n: the whole permutation is one batch), with a state a checkpoint can hold."""
+
+    def __init__(self, n: int, size: int, seed: int, device: torch.device) -> None:
+        self.n, self.device = n, device
+        self.size = 0 if size >= n else size  # 0: full batch
+        self.generator = torch.Generator().manual_seed(seed)
+        self.chunks: list[Tensor] = []
+        self.position = 0
+
+    def _split(self, order: Tensor) -> list[Tensor]:
+        return [order] if self.size <= 0 else list(order.split(self.size))
+
+    def __iter__(self) -> IndexStream:
+        return self
+
+    def __next__(self) -> Tensor:
+        if self.position == len(self.chunks):
+            self.chunks = self._split(torch.randperm(self.n, generator=self.generator).to(self.device))
+            self.position = 0
+        self.position += 1
+        return self.chunks[self.position - 1]
+
+    def state_dict(self) -> dict:
+        order = torch.cat(self.chunks).cpu() if self.chunks else None
+        return {"generator": self.generator.get_state(), "order": order, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.chunks = [] if state["order"] is None else self._split(state["order"].to(self.device))
+        self.position = state["position"]
 
 
 def batch_streams(problem: Problem, config: TrainConfig, seed: int, device: torch.device
-                  ) -> tuple[Iterator[Tensor], Iterator[Tensor]]:
-    """The run's train and validation index batches (generators seeded 2 * seed and 2 * seed + 1)."""
-    train = _batches(len(problem.x_train), config.batch_size, torch.Generator().manual_seed(2 * seed), device)
-    val = _batches(len(problem.x_val), config.val_batch_size or config.batch_size,
-                   torch.Generator().manual_seed(2 * seed + 1), device)
-    return train, val
+                  ) -> tuple[IndexStream, IndexStream]:
+    """The run's train and validation index batches (streams seeded 2 * seed and 2 * seed + 1)."""
+    return (IndexStream(len(problem.x_train), config.batch_size, 2 * seed, device),
+            IndexStream(len(problem.x_val), config.val_batch_size or config.batch_size, 2 * seed + 1, device))
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
