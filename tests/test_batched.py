@@ -1,7 +1,9 @@
 """Batched runs are the same computation as one-at-a-time runs: every strategy, hyperopt, divergence, resume."""
 
 import dataclasses
+import json
 import math
+import time
 
 import pytest
 import torch
@@ -232,3 +234,28 @@ def test_an_interrupted_batch_resumes_from_its_checkpoint(tmp_path, float64):
                           lambda step, total: resumed_steps.append(step), path, identity="x")
     assert resumed_steps[0] == 9
     assert_same_runs(whole, resumed)
+
+
+def test_an_interrupted_hyperopt_search_counts_the_time_before_the_interruption(synthetic, tmp_path):
+    config = dataclasses.replace(SYNTHETIC, epochs=10)  # full batch: every step ends an epoch
+    whole = hyperopt_search_batched(synthetic, config, SEEDS, trials=3)
+
+    class Stop(Exception):
+        pass
+
+    def slow_then_stop(step, total):  # global steps: trial 1 is steps 11-20
+        if step == 13:
+            time.sleep(0.5)  # before the checkpoint of step 14, which keeps it
+        if step == 16:
+            raise Stop
+
+    with pytest.raises(Stop):
+        hyperopt_search_batched(synthetic, config, SEEDS, 3, slow_then_stop, tmp_path, "x", checkpoint_every_s=0.0)
+    assert len(json.loads((tmp_path / "search.json").read_text())["histories"][0]) == 1
+    assert torch.load(tmp_path / "trial_1.ckpt", weights_only=False)["step"] == 6
+    resumed = hyperopt_search_batched(synthetic, config, SEEDS, 3, None, tmp_path, "x")
+    for a, b in zip(whole, resumed):
+        assert b.extra["trials"] == [dict(t, wall_s=u["wall_s"]) for t, u in zip(a.extra["trials"], b.extra["trials"])]
+        assert b.final_test_acc == a.final_test_acc
+    assert resumed[0].extra["batch_wall_s"] >= 0.5
+    assert resumed[0].wall_s == pytest.approx(resumed[0].extra["batch_wall_s"] / len(SEEDS))

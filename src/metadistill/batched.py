@@ -269,7 +269,9 @@ def fit_batched(
     for r in range(runs):
         message = failed[r]
         if message is not None:
-            outcomes.append(DivergenceError(message))
+            error = DivergenceError(message)
+            error.wall_s = wall / runs
+            outcomes.append(error)
             continue
         outcomes.append(evaluations[r].result(strategies[r].name, seeds[r], lams[r], schedule.total_steps,
                                               hypergrad_evals[r], wall / runs, histories[r],

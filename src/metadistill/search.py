@@ -135,13 +135,15 @@ def hyperopt_search_batched(
     progress: Callable[[int, int], None] | None = None,
     checkpoint_dir: Path | None = None,
     identity: Any = None,
+    checkpoint_every_s: float = 30.0,
 ) -> list[Outcome]:
     """`hyperopt_search` for several runs at once: the R searches advance together, trial k of every run
     trained as one batch (`fit_batched`), then the R final trainings as one batch.
 
     With `checkpoint_dir`, the searches' finished trials are kept in search.json and every training in
     progress checkpoints itself, so an interrupted search resumes (the searches are replayed from the
-    recorded trials; TPE is deterministic given its seed and results).
+    recorded trials; TPE is deterministic given its seed and results). The wall time counts each
+    training's own wall time, so the part of a training done before an interruption is counted too.
     """
     started = time.perf_counter()
     runs = len(seeds)
@@ -165,25 +167,36 @@ def hyperopt_search_batched(
             return None
         return lambda step, steps: progress(k * steps + step, total * steps)
 
-    def checkpoint(name: str) -> Path | None:
-        return None if checkpoint_dir is None else Path(checkpoint_dir) / name
+    time_in_trainings = trainings_wall = 0.0  # this process's time in fit_batched; those trainings' own wall
+
+    def train(lams: list[Metaparameters], run_seeds: list[int], k: int, name: str, key: Any) -> list[Outcome]:
+        nonlocal time_in_trainings, trainings_wall
+        entered = time.perf_counter()
+        outcomes = fit_batched(problem, [Fixed(lam, "hyperopt") for lam in lams], config, run_seeds,
+                               trial_progress(k), None if checkpoint_dir is None else Path(checkpoint_dir) / name,
+                               [identity, key, [lam.as_tuple() for lam in lams]], checkpoint_every_s)
+        time_in_trainings += time.perf_counter() - entered
+        trainings_wall += sum(outcome.wall_s for outcome in outcomes)
+        return outcomes
+
+    def wall() -> float:
+        return earlier_wall + time.perf_counter() - started - time_in_trainings + trainings_wall
 
     for k in range(len(histories[0]), trials):
         lams = [search.ask() for search in searches]
-        outcomes = fit_batched(problem, [Fixed(lam, "hyperopt") for lam in lams], config, seeds, trial_progress(k),
-                               checkpoint(f"trial_{k}.ckpt"), [identity, k, [lam.as_tuple() for lam in lams]])
+        outcomes = train(lams, seeds, k, f"trial_{k}.ckpt", k)
         for search, history, lam, outcome in zip(searches, histories, lams, outcomes):
             if isinstance(outcome, DivergenceError):
                 search.tell(None)
                 history.append({"lambda1": lam.lambda1, "temperature": lam.temperature, "val_acc": None,
-                                "diverged": str(outcome), "steps": 0, "wall_s": 0.0})
+                                "diverged": str(outcome), "steps": 0, "wall_s": outcome.wall_s})
             else:
                 search.tell(outcome.final_val_acc)
                 history.append({"lambda1": lam.lambda1, "temperature": lam.temperature,
                                 "val_acc": outcome.final_val_acc, "steps": outcome.steps, "wall_s": outcome.wall_s})
         if state_path is not None:
             write_atomic(state_path, json.dumps({"identity": identity, "seeds": list(seeds), "histories": histories,
-                                                 "wall_s": earlier_wall + time.perf_counter() - started}))
+                                                 "wall_s": wall()}))
 
     results: list[Outcome | None] = [None] * runs
     finals: list[tuple[int, dict]] = []
@@ -195,15 +208,13 @@ def hyperopt_search_batched(
             finals.append((r, max(scored, key=lambda trial: trial["val_acc"])))  # first of equals, as hyperopt
     if finals:
         lams = [Metaparameters(best["lambda1"], best["temperature"]) for _, best in finals]
-        outcomes = fit_batched(problem, [Fixed(lam, "hyperopt") for lam in lams], config,
-                               [seeds[r] for r, _ in finals], trial_progress(trials), checkpoint("final.ckpt"),
-                               [identity, "final", [lam.as_tuple() for lam in lams]])
-        wall = earlier_wall + time.perf_counter() - started
+        outcomes = train(lams, [seeds[r] for r, _ in finals], trials, "final.ckpt", "final")
+        total_wall = wall()
         for (r, best), outcome in zip(finals, outcomes):
             if isinstance(outcome, RunResult):
                 outcome.full_trainings = trials + 1
                 outcome.steps = sum(trial["steps"] for trial in histories[r]) + outcome.steps
-                outcome.wall_s = wall / runs
-                outcome.extra = {"trials": histories[r], "best": best, "batch_runs": runs, "batch_wall_s": wall}
+                outcome.wall_s = total_wall / runs
+                outcome.extra = {"trials": histories[r], "best": best, "batch_runs": runs, "batch_wall_s": total_wall}
             results[r] = outcome
     return [outcome for outcome in results if outcome is not None]  # every run has one by now

@@ -20,7 +20,9 @@ OPTIMIZERS = ("sgd", "adam")
 
 
 class DivergenceError(RuntimeError):
-    """Training produced a non-finite loss."""
+    """Training produced a non-finite loss. A batched run's error carries its share of the batch's wall time."""
+
+    wall_s: float = 0.0
 
 
 @dataclass
