@@ -40,6 +40,7 @@ from .train import (
     RunResult,
     Schedule,
     TrainConfig,
+    backward_and_step,
     batch_streams,
     build_optimizer,
     build_scheduler,
@@ -209,10 +210,7 @@ def fit_batched(
         logits, kept = forward_keeping(model, x, any(wants))
         lambda1, temperature = lambda1.to(logits.dtype), temperature.to(logits.dtype)
         losses = per_run_distillation_loss(logits, teacher, y, lambda1, temperature, config.t2_scaling)
-        optimizer.zero_grad(set_to_none=True)
-        losses.sum().backward()
-        update = UpdateMap(optimizer) if any(wants) else None
-        optimizer.step()
+        update = backward_and_step(optimizer, losses.sum(), any(wants))
         loss_values = losses.detach().tolist()
         for r, value in enumerate(loss_values):
             if failed[r] is None and not math.isfinite(value):

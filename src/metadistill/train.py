@@ -281,16 +281,21 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: Ten
                    kept: tuple[dict[str, Tensor], dict[str, Tensor], ActivationRecord] | None, x: Tensor, y: Tensor,
                    teacher: Tensor, lam: Metaparameters, t2_scaling: bool, logits: Tensor) -> TakenStep | None:
     """Backward of `loss` and the optimizer step; with what `forward_keeping` kept, the TakenStep whose
-    hypergradient can then be computed (the UpdateMap is read around the step)."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if kept is None:
-        optimizer.step()
+    hypergradient can then be computed."""
+    update = backward_and_step(optimizer, loss, kept is not None)
+    if kept is None or update is None:
         return None
     params, buffers, record = kept
-    update = UpdateMap(optimizer)
-    optimizer.step()
     return TakenStep(TrainStep(model, params, buffers, x, y, teacher, lam, t2_scaling, logits, record), update)
+
+
+def backward_and_step(optimizer: torch.optim.Optimizer, loss: Tensor, read_update: bool) -> UpdateMap | None:
+    """Backward of `loss` and the optimizer step; with `read_update`, the step's UpdateMap (read around it)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    update = UpdateMap(optimizer) if read_update else None
+    optimizer.step()
+    return update
 
 
 def fit(
