@@ -10,15 +10,19 @@ distillation, no hypergradient), with the allocator setting the CLI applies:
    averaged over `--steps` steps) and the ratio of the two: an operator whose ratio is near R gains
    nothing from stacking;
 3. the arithmetic floor: floating-point operations of one run's step (torch.utils.flop_counter) over
-   the rate of a large matrix product on the same machine.
+   the rate of a large matrix product on the same machine;
+4. threads against processes: the largest R trained by one process using all N threads, against N
+   processes of one thread each training R runs side by side (the throughput of
+   `--executor ray --set threads=1` against the default).
 
 Run: python bench/stacking.py [--sizes 1,2,3,5,10] [--rounds K] [--steps S] [--threads T]
-(about 2 minutes on an idle 2-core CPU with the defaults)
+(about 3 minutes on an idle 2-core CPU with the defaults)
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import time
 from collections import defaultdict
@@ -72,6 +76,34 @@ def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
+def timed_loop(threads: int, runs: int, steps: int, rounds: int) -> float:
+    """Median ms per R-run step of `rounds` timed fit_batched loops, in a process using `threads` threads."""
+    keep_freed_memory()
+    torch.set_num_threads(threads)
+    config = build_config("fashion-mnist", ["epochs=1", f"eval_every={10**9}"])
+    problem = random_problem(steps)
+
+    def strategy():
+        return config.strategy("no_distillation")
+
+    per_run_step_ms(problem, config.train_config(), strategy, runs, steps)  # warm-up
+    return statistics.median(per_run_step_ms(problem, config.train_config(), strategy, runs, steps) * runs
+                             for _ in range(rounds))
+
+
+def threads_against_processes(threads: int, runs: int, steps: int, rounds: int) -> None:
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Pool(1) as pool:
+        alone = pool.apply(timed_loop, (threads, runs, steps, rounds))
+    with spawn.Pool(threads) as pool:
+        side_by_side = pool.starmap(timed_loop, [(1, runs, steps, rounds)] * threads)
+    slowest = max(side_by_side)
+    print(f"\n{runs} runs: one process with {threads} threads {alone:.0f} ms per step; {threads} processes with 1 "
+          f"thread each, side by side, {', '.join(f'{t:.0f}' for t in side_by_side)} ms per step each")
+    ratio = threads * alone / slowest
+    print(f"throughput of {threads} one-thread processes / one {threads}-thread process = {ratio:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1,2,3,5,10", help="numbers of stacked runs to time")
@@ -120,6 +152,8 @@ def main() -> None:
     flops, rate = step_flops(), matmul_gflops()
     print(f"\none run's step: {flops / 1e6:.0f} MFLOP; a 1024x1024 matrix product runs at {rate:.0f} GFLOP/s here, "
           f"so the arithmetic floor is {flops / rate / 1e6:.2f} ms per run and step")
+    if torch.get_num_threads() > 1:
+        threads_against_processes(torch.get_num_threads(), large, args.steps, args.rounds)
 
 
 if __name__ == "__main__":
