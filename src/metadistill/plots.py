@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .config import METHODS, method_order  # noqa: E402
+from .meta import LAMBDA1_BOUNDS, TEMPERATURE_BOUNDS  # noqa: E402
 from .records import CONFIG, finished_runs, load_history  # noqa: E402
 
 # A step with a jvp hypergradient costs about 2.5 plain steps (bench/hypergrad_cost.py), so one
@@ -39,7 +40,8 @@ def _save(fig, path: Path) -> Path:
 
 def _band(ax, x, values, color, label, log=False, bounds=None):
     """Mean +- sd over runs (rows of `values`); on a log axis both are taken of log10 of the values.
-    `bounds` (low, high) clips the band to the values' range (an accuracy's sd band must not pass 1)."""
+    `bounds` (low, high) clips the band to the values' range (an accuracy's or lambda1's sd band must not
+    pass 1)."""
     values = np.asarray(values, dtype=float)
     if log:
         logs = np.log10(values)
@@ -67,8 +69,9 @@ def trajectories(dataset: str, by_method: dict[str, list[dict]], path: Path) -> 
         config = json.loads((Path(by_method["proposed"][0]["dir"]) / CONFIG).read_text())
         window, period = config["window"], config["period"]
         zoom_steps = min(4 * window * period, len(histories["proposed"][0]))
-    rows = (("lambda1", "lambda1 (weight of hard labels)", False), ("temperature", "T (log scale)", True))
-    for row, (key, name, log) in enumerate(rows):
+    rows = (("lambda1", "lambda1 (weight of hard labels)", False, LAMBDA1_BOUNDS),
+            ("temperature", "T (log scale)", True, TEMPERATURE_BOUNDS))
+    for row, (key, name, log, bounds) in enumerate(rows):
         ax, zoom = axes[row]
         for method in methods:
             runs = histories[method]
@@ -77,7 +80,7 @@ def trajectories(dataset: str, by_method: dict[str, list[dict]], path: Path) -> 
             for run in values:
                 ax.plot(np.arange(length), run, color=COLORS[method], linewidth=0.5, alpha=0.35)
             _band(ax, np.arange(length), values, COLORS[method],
-                  f"{LABELS[method]}: mean ± sd of {_runs(len(runs))} (thin: each run)", log)
+                  f"{LABELS[method]}: mean ± sd of {_runs(len(runs))} (thin: each run)", log, bounds)
             if zoom_steps:
                 zoom.plot(np.arange(zoom_steps), values[0][:zoom_steps], color=COLORS[method], linewidth=1,
                           label=f"{LABELS[method]}, run {by_method[method][0]['seed']}")
