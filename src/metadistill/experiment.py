@@ -132,31 +132,36 @@ def finish_task(config: ExperimentConfig, task: Task, outcomes: list[Outcome], f
         identity = run_identity(config, task.method, seed)
         saved[seed] = save_run(run_dir(out, config.dataset, task.method, seed), identity, result)
         if not quiet:
-            log(f"{config.dataset} {task.method} run {seed}: test acc {result.final_test_acc:.4f}, "
+            ranks = f" on {result.extra['world_size']} ranks" if "world_size" in result.extra else ""
+            log(f"{config.dataset} {task.method} run {seed}{ranks}: test acc {result.final_test_acc:.4f}, "
                 f"lambda1 {result.final_lambda1:.3f}, T {result.final_temperature:.3f}, {result.wall_s:.1f} s")
     if len(task.seeds) > 1:
         shutil.rmtree(task.checkpoint_dir(out, config.dataset), ignore_errors=True)
     return saved, errors
 
 
-def pending_tasks(config: ExperimentConfig, methods: list[str], seeds: list[int], out: Path,
-                  batch_size: int) -> tuple[list[Task], dict[str, dict[int, dict]]]:
-    """The tasks still to run (finished runs are skipped) and the finished runs' records."""
+def pending_runs(config: ExperimentConfig, methods: list[str], seeds: list[int], out: Path
+                 ) -> tuple[dict[str, list[int]], dict[str, dict[int, dict]]]:
+    """The seeds still to run per method (finished runs are skipped) and the finished runs' records."""
     for method in methods:
         if method not in METHODS:
             raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    tasks: list[Task] = []
+    pending: dict[str, list[int]] = {}
     finished: dict[str, dict[int, dict]] = {}
     for method in methods:
-        pending = []
         for seed in seeds:
             record = load_finished(run_dir(out, config.dataset, method, seed), run_identity(config, method, seed))
             if record is None:
-                pending.append(seed)
+                pending.setdefault(method, []).append(seed)
             else:
                 finished.setdefault(method, {})[seed] = record
-        tasks += [Task(method, pending[i:i + batch_size]) for i in range(0, len(pending), batch_size)]
-    return tasks, finished
+    return pending, finished
+
+
+def group_tasks(pending: dict[str, list[int]], batch_size: int) -> list[Task]:
+    """The pending runs of each method, `batch_size` to a task."""
+    return [Task(method, seeds[i:i + batch_size]) for method, seeds in pending.items()
+            for i in range(0, len(seeds), batch_size)]
 
 
 def batch_size_for(config: ExperimentConfig, problem: Problem) -> int:
@@ -180,16 +185,15 @@ def run_experiment(config: ExperimentConfig, methods: list[str], seeds: list[int
         raise ConfigError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     if config.threads:
         torch.set_num_threads(config.threads)
-    tasks, results = pending_tasks(config, methods, seeds, out, config.batch_runs)
+    pending, results = pending_runs(config, methods, seeds, out)
     problem: Problem | None = None
     facts: dict[str, Any] = {}
-    if tasks:
+    tasks: list[Task] = []
+    if pending:
         # Loaded here even for Ray: an image dataset's teacher is then trained once, into the cache the
         # tasks read it from.
         problem, facts = load_problem(config, progress=not quiet)
-        size = batch_size_for(config, problem)
-        if size != config.batch_runs:
-            tasks, results = pending_tasks(config, methods, seeds, out, size)
+        tasks = group_tasks(pending, batch_size_for(config, problem))
     errors: list[str] = []
     if executor == "ray":
         from .ray_executor import run_on_ray
@@ -235,16 +239,11 @@ def run_ddp(config: ExperimentConfig, method: str, seeds: list[int], out: Path, 
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    rank, world = init_from_env(config.device)
-    results: dict[int, dict] = {}
+    rank, _ = init_from_env(config.device)
+    pending, finished = pending_runs(config, [method], seeds, out)
+    results: dict[int, dict] = finished.get(method, {})
     loaded: tuple[Problem, dict[str, Any]] | None = None
-    for seed in seeds:
-        directory = run_dir(out, config.dataset, method, seed)
-        identity = run_identity(config, method, seed)
-        finished = load_finished(directory, identity)
-        if finished is not None:
-            results[seed] = finished
-            continue
+    for seed in pending.get(method, []):
         if loaded is None:
             if rank != 0:
                 dist.barrier()  # rank 0 trains the teacher into the cache first
@@ -254,10 +253,7 @@ def run_ddp(config: ExperimentConfig, method: str, seeds: list[int], out: Path, 
         problem, facts = loaded
         result = fit_ddp(problem, config.strategy(method), config.train_config(), seed)
         if rank == 0:
-            result.extra.update(facts, torch=torch.__version__, threads=torch.get_num_threads())
-            results[seed] = save_run(directory, identity, result)
-            if not quiet:
-                log(f"{config.dataset} {method} run {seed} on {world} ranks: test acc {result.final_test_acc:.4f}, "
-                    f"lambda1 {result.final_lambda1:.3f}, T {result.final_temperature:.3f}, {result.wall_s:.1f} s")
+            saved, _ = finish_task(config, Task(method, [seed]), [result], facts, out, quiet, log)
+            results.update(saved)
         dist.barrier()
     return {method: [results[seed] for seed in sorted(results)]} if rank == 0 else None
