@@ -33,6 +33,7 @@ def cli(*args):
     (["run", "--dataset", "synthetic", "--method", "naive", "--ddp"], "--ddp runs under torchrun"),
     (["run", "--dataset", "synthetic", "--method", "hyperopt", "--ddp"], "hyperopt is not supported"),
     (["run", "--dataset", "synthetic", "--method", "naive", "--executor", "cluster"], "invalid choice: 'cluster'"),
+    (["run", "--dataset", "synthetic", "--method", "naive", "--device", "gpu"], "device must be a torch device (cpu"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):
     try:
@@ -42,6 +43,22 @@ def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):
     assert code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], lines
+
+
+@pytest.mark.parametrize("gpus,device,needle", [
+    (0, "cuda", "torch sees no CUDA GPU here"),
+    (1, "cuda:1", "has 1 CUDA GPU(s), numbered from 0"),
+])
+def test_a_cuda_device_the_machine_lacks_is_one_line_and_exit_2(gpus, device, needle, monkeypatch, tmp_path, capsys):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    for command in (["run", "--method", "naive", "--out", str(tmp_path)], ["teacher"]):
+        dataset = "synthetic" if command[0] == "run" else "fashion-mnist"
+        code = main([*command, "--dataset", dataset, "--device", device])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and needle in lines[0], lines
+    assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
 def test_bad_input_in_a_real_process_has_no_traceback():

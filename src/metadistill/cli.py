@@ -7,7 +7,17 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import DATASETS, METHOD_HELP, METHODS, ConfigError, ExperimentConfig, build_config, preset, setting_names
+from .config import (
+    DATASETS,
+    METHOD_HELP,
+    METHODS,
+    ConfigError,
+    ExperimentConfig,
+    build_config,
+    preset,
+    require_device,
+    setting_names,
+)
 from .data.vision import DataError
 from .experiment import EXECUTORS, load_vision_config, run_ddp, run_experiment, train_or_load_teacher
 from .plots import write_figures
@@ -138,6 +148,7 @@ def _teacher(args: argparse.Namespace) -> int:
     config = _config(args, [f"teacher_arch={args.arch}"] if args.arch else [])
     if config.dataset == "synthetic":
         raise ConfigError("the synthetic task's teacher is trained with its data; use run or reproduce")
+    require_device(config.device)
     data = load_vision_config(config)
     teacher = train_or_load_teacher(config, data, progress=not args.quiet)
     how = f"trained in {teacher.seconds:.0f} s" if teacher.trained else "loaded from the cache"
@@ -152,8 +163,10 @@ def _experiment(args: argparse.Namespace, methods: list[str]) -> int:
         print(f"note: lambda1/temperature do not apply to {', '.join(unused)}", file=sys.stderr)
     check_writable(args.out)
     seeds = list(range(args.runs or preset(args.dataset, args.quick).get("runs", 10)))
-    if args.executor != "ray" and (args.ray_address or args.ray_num_cpus):
-        raise ConfigError("--ray-address and --ray-num-cpus need --executor ray")
+    if args.executor != "ray":
+        if args.ray_address or args.ray_num_cpus:
+            raise ConfigError("--ray-address and --ray-num-cpus need --executor ray")
+        require_device(config.device)
     if getattr(args, "ddp", False):
         if args.executor != "local":
             raise ConfigError("--ddp runs under torchrun, not with --executor ray")

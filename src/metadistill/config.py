@@ -14,6 +14,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+import torch
+
 from .hypergrad import HYPERGRADIENT_METHODS
 from .meta import LAMBDA1_BOUNDS, TEMPERATURE_BOUNDS, Metaparameters
 from .strategies import META_OPTIMIZERS, Fixed, Gradient, LinearTrajectory, MetaOptimizer, Random, Strategy
@@ -102,6 +104,10 @@ class ExperimentConfig(TrainConfig):
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"device must be a torch device (cpu, cuda, cuda:1), got {self.device!r}") from None
         if self.dataset != "synthetic":
             if self.teacher_arch not in TEACHERS:
                 raise ConfigError(f"teacher_arch must be one of {', '.join(TEACHERS)}, got {self.teacher_arch!r}")
@@ -195,6 +201,20 @@ def build_config(dataset: str, overrides: list[str] | None = None, quick: bool =
     except ValueError as error:  # TrainConfig's own checks
         raise ConfigError(str(error)) from None
     return config.validate()
+
+
+def require_device(device: str) -> None:
+    """Refuse, with one clear message, a cuda device this machine does not have (checked where the runs train:
+    a Ray head without a GPU may hand cuda runs to workers that have one)."""
+    where = torch.device(device)
+    if where.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: torch sees no CUDA GPU here (torch.cuda.is_available() is False); "
+                          "use --device cpu")
+    count = torch.cuda.device_count()
+    if where.index is not None and where.index >= count:
+        raise ConfigError(f"device {device!r}: this machine has {count} CUDA GPU(s), numbered from 0")
 
 
 def setting_names() -> list[str]:
