@@ -141,14 +141,16 @@ def _config(args: argparse.Namespace, extra: list[str]) -> ExperimentConfig:
         overrides.append(f"data_dir={args.data_dir}")
     if args.download:
         overrides.append("download=true")
-    return build_config(args.dataset, overrides, quick=args.quick)
+    config = build_config(args.dataset, overrides, quick=args.quick)
+    if getattr(args, "executor", "local") != "ray":  # a Ray head without a GPU may hand cuda runs to workers with one
+        require_device(config.device)
+    return config
 
 
 def _teacher(args: argparse.Namespace) -> int:
     config = _config(args, [f"teacher_arch={args.arch}"] if args.arch else [])
     if config.dataset == "synthetic":
         raise ConfigError("the synthetic task's teacher is trained with its data; use run or reproduce")
-    require_device(config.device)
     data = load_vision_config(config)
     teacher = train_or_load_teacher(config, data, progress=not args.quiet)
     how = f"trained in {teacher.seconds:.0f} s" if teacher.trained else "loaded from the cache"
@@ -163,10 +165,8 @@ def _experiment(args: argparse.Namespace, methods: list[str]) -> int:
         print(f"note: lambda1/temperature do not apply to {', '.join(unused)}", file=sys.stderr)
     check_writable(args.out)
     seeds = list(range(args.runs or preset(args.dataset, args.quick).get("runs", 10)))
-    if args.executor != "ray":
-        if args.ray_address or args.ray_num_cpus:
-            raise ConfigError("--ray-address and --ray-num-cpus need --executor ray")
-        require_device(config.device)
+    if args.executor != "ray" and (args.ray_address or args.ray_num_cpus):
+        raise ConfigError("--ray-address and --ray-num-cpus need --executor ray")
     if getattr(args, "ddp", False):
         if args.executor != "local":
             raise ConfigError("--ddp runs under torchrun, not with --executor ray")

@@ -204,8 +204,7 @@ def build_config(dataset: str, overrides: list[str] | None = None, quick: bool =
 
 
 def require_device(device: str) -> None:
-    """Refuse, with one clear message, a cuda device this machine does not have (checked where the runs train:
-    a Ray head without a GPU may hand cuda runs to workers that have one)."""
+    """Refuse, with one clear message, a cuda device this machine does not have."""
     where = torch.device(device)
     if where.type != "cuda":
         return
