@@ -34,14 +34,15 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from metadistill.hypergrad import TrainStep, mixed_product, validation_gradient
+from metadistill.hypergrad import greedy
 from metadistill.losses import distillation_loss
 from metadistill.meta import Metaparameters
 from metadistill.models import count_parameters, fashion_student
 from metadistill.report import cpu_model
 from metadistill.runtime import keep_freed_memory
+from metadistill.steps import Runs, TakenStep, take_step, validation_gradient
 from metadistill.strategies import LinearTrajectory
-from metadistill.train import TakenStep, TrainConfig, build_optimizer, train_step
+from metadistill.train import TrainConfig, build_optimizer
 
 BATCH = 128
 VAL_BATCH = 128
@@ -96,11 +97,15 @@ class Student:
         self.optimizer = build_optimizer(self.model, TrainConfig(lr=LR, optimizer="sgd"))
 
     def step(self, data: Data, lam: Metaparameters, keep: bool) -> TakenStep | None:
-        loss, taken = train_step(self.model, self.optimizer, data.x, data.y, data.teacher, lam,
-                                 keep_for_hypergradient=keep)
-        if not math.isfinite(loss):
-            raise RuntimeError(f"training diverged (loss {loss}); the timings would be meaningless")
+        losses, taken = take_step(self.model, self.optimizer, Runs(), data.x, data.y, data.teacher, [lam], keep=keep)
+        if not math.isfinite(float(losses[0])):
+            raise RuntimeError(f"training diverged (loss {float(losses[0])}); the timings would be meaningless")
         return taken
+
+    def hypergradient(self, taken: TakenStep | None, data: Data, method: str = "jvp") -> Tensor:
+        assert taken is not None
+        v, _ = validation_gradient(self.model, Runs(), data.x_val, data.y_val, T_VAL)
+        return greedy(taken, v, method)[0]
 
 
 def plain_variant(data: Data, seed: int, steps: int) -> Variant:
@@ -112,9 +117,7 @@ def shared_ordering_variant(method: str, data: Data, seed: int, steps: int) -> V
     student = Student(seed)
 
     def step() -> None:
-        taken = student.step(data, LAM, keep=True)
-        assert taken is not None
-        taken.hypergradient(data.x_val, data.y_val, T_VAL, method)
+        student.hypergradient(student.step(data, LAM, keep=True), data, method)
 
     return Variant(method, step, steps)
 
@@ -133,9 +136,10 @@ def original_variant(data: Data, seed: int, steps: int) -> Variant:
         loss = distillation_loss(logits, data.teacher, data.y, LAM.lambda1, LAM.temperature)
         grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
         moved = {name: params[name] - LR * grads[name] for name in params}
-        v, _ = validation_gradient(model, data.x_val, data.y_val, T_VAL, params=moved)
-        virtual = TrainStep(model, params, buffers, data.x, data.y, data.teacher, LAM)
-        mixed_product(virtual, {name: LR * g for name, g in v.items()}, "fd")
+        v, _ = validation_gradient(model, Runs(), data.x_val, data.y_val, T_VAL, params=moved)
+        virtual = TakenStep(model, Runs(), params, buffers, data.x, data.y, data.teacher, LAM.lambda1,
+                            LAM.temperature, False, logits, None, None, None)  # type: ignore[arg-type]
+        virtual.mixed_product({name: LR * g for name, g in v.items()}, "fd")
         student.step(data, LAM, keep=False)
 
     return Variant("original", step, steps)
@@ -157,8 +161,7 @@ def proposed_variant(data: Data, seed: int) -> Variant:
         taken = student.step(data, lam, keep=wants)
 
         def hypergradient() -> Tensor:
-            assert taken is not None
-            return taken.hypergradient(data.x_val, data.y_val, T_VAL, "jvp")[0]
+            return student.hypergradient(taken, data)
 
         lam = strategy.advance(counter, hypergradient if wants else refuse)
         counter += 1

@@ -33,8 +33,8 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from metadistill.batched import fit_batched
 from metadistill.config import build_config
+from metadistill.engine import fit_batched
 from metadistill.models import fashion_student
 from metadistill.report import cpu_model
 from metadistill.runtime import keep_freed_memory

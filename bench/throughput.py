@@ -26,12 +26,12 @@ import time
 
 import torch
 
-from metadistill.batched import fit_batched
 from metadistill.config import build_config
+from metadistill.engine import fit, fit_batched
 from metadistill.models import fashion_student
+from metadistill.problem import Problem
 from metadistill.report import cpu_model
 from metadistill.runtime import keep_freed_memory
-from metadistill.train import Problem, fit
 
 TRAIN_IMAGES = 54000
 BATCH = 128

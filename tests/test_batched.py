@@ -9,16 +9,18 @@ import pytest
 import torch
 from torch import nn
 
-from metadistill.batched import batchable, fit_batched, per_run_hypergradients
 from metadistill.config import build_config
 from metadistill.data.synthetic import synthetic_problem
-from metadistill.hypergrad import validation_gradient
+from metadistill.engine import batchable, fit, fit_batched
 from metadistill.jvp import generic_jvp, record_activations, tape_jvp
 from metadistill.models import fashion_student, logistic_regression
-from metadistill.search import hyperopt_search, hyperopt_search_batched
+from metadistill.problem import IndexStream, Problem
+from metadistill.results import DivergenceError
+from metadistill.search import hyperopt_search_batched
 from metadistill.stacked import stack_models
+from metadistill.steps import Runs, validation_gradient
 from metadistill.strategies import Gradient, MetaOptimizer
-from metadistill.train import DivergenceError, IndexStream, Problem, TrainConfig, fit
+from metadistill.train import TrainConfig
 
 SEEDS = [0, 1, 2]
 
@@ -144,15 +146,12 @@ def test_stacked_tape_jvp_equals_forward_mode_and_per_run_hypergradients(float64
     torch.testing.assert_close(tape_jvp(record, params, buffers, tangents), expected, rtol=1e-9, atol=1e-10)
     # against the validation gradient of each run alone
     v_val = problem.x_val[:8]
-    grads = [validation_gradient(m, v_val, problem.y_val[:8])[0] for m in models]
-    from metadistill.batched import _per_run_val_gradient
-
-    stacked_grads, _ = _per_run_val_gradient(stacked, v_val.unsqueeze(1).expand(-1, 3, -1, -1, -1).contiguous(),
-                                             problem.y_val[:8].unsqueeze(1).expand(-1, 3), 1.0)
+    grads = [validation_gradient(m, Runs(), v_val, problem.y_val[:8])[0] for m in models]
+    stacked_grads, _ = validation_gradient(stacked, Runs(3, stacked=True), Runs(3, True).shared(v_val),
+                                           problem.y_val[:8].unsqueeze(1).expand(-1, 3), 1.0)
     first_conv = stacked_grads["1.weight"].view(3, 8, 1, 3, 3)
     for r in range(3):
         torch.testing.assert_close(first_conv[r], grads[r]["0.weight"])
-    assert callable(per_run_hypergradients)
 
 
 def reference_batches(n, size, seed):
@@ -175,16 +174,43 @@ def test_index_stream_draws_the_specified_batches_and_resumes():
             assert torch.equal(next(copy), next(stream))
 
 
+def test_tpe_search_asks_the_points_fmin_would_try():
+    """The ask/tell driver makes hyperopt's own choices: the same points as fmin with the same seed and scores."""
+    import numpy as np
+    from hyperopt import STATUS_OK, Trials, fmin, tpe
+
+    from metadistill.search import SPACE, TPESearch
+
+    def score(lambda1, log10_temperature):  # any deterministic objective; failures every third trial
+        return None if round(lambda1 * 1000) % 3 == 0 else -((lambda1 - 0.3) ** 2) - (log10_temperature - 0.2) ** 2
+
+    for seed in (0, 5):
+        seen = []
+
+        def objective(point, seen=seen):
+            seen.append((point["lambda1"], point["log10_temperature"]))
+            value = score(point["lambda1"], point["log10_temperature"])
+            return {"status": "fail"} if value is None else {"loss": -value, "status": STATUS_OK}
+
+        fmin(objective, SPACE, algo=tpe.suggest, max_evals=25, trials=Trials(), rstate=np.random.default_rng(seed),
+             show_progressbar=False)
+        search = TPESearch(seed)
+        for expected in seen:
+            lam = search.ask()
+            assert lam.lambda1 == pytest.approx(expected[0], abs=1e-12)
+            assert lam.temperature == pytest.approx(10.0 ** expected[1], rel=1e-12)
+            search.tell(score(*expected))
+
+
 def test_batched_hyperopt_equals_one_search_per_run(synthetic):
-    problem = synthetic
+    from metadistill.search import hyperopt_search
+
     config = dataclasses.replace(SYNTHETIC, epochs=30)
-    singles = [hyperopt_search(problem, config, seed, trials=3) for seed in SEEDS]
-    batched = hyperopt_search_batched(problem, config, SEEDS, trials=3)
+    singles = [hyperopt_search(synthetic, config, seed, trials=3) for seed in SEEDS]
+    batched = hyperopt_search_batched(synthetic, config, SEEDS, trials=3)
     for single, batch in zip(singles, batched):
-        assert [(t["lambda1"], t["temperature"]) for t in batch.extra["trials"]] == [
-            (t["lambda1"], t["temperature"]) for t in single.extra["trials"]]
-        assert [t["val_acc"] for t in batch.extra["trials"]] == [t["val_acc"] for t in single.extra["trials"]]
-        assert batch.extra["best"]["lambda1"] == single.extra["best"]["lambda1"]
+        assert [(t["lambda1"], t["temperature"], t["val_acc"]) for t in batch.extra["trials"]] == [
+            (t["lambda1"], t["temperature"], t["val_acc"]) for t in single.extra["trials"]]
         assert (batch.final_test_acc, batch.steps, batch.full_trainings) == (
             single.final_test_acc, single.steps, single.full_trainings)
 
@@ -225,9 +251,10 @@ def test_an_interrupted_batch_resumes_from_its_checkpoint(tmp_path, float64):
         fit_batched(problem, [strategy("proposed") for _ in SEEDS], config, SEEDS, stop_in_epoch_three, path,
                     identity="x", checkpoint_every_s=0.0)
     assert path.exists()
-    assert torch.load(path, weights_only=False)["step"] == 8  # the end of epoch two
+    assert torch.load(path, weights_only=True)["step"] == 8  # the end of epoch two; a weights-only file
     # another identity does not resume from it
-    other = fit_batched(problem, [strategy("proposed") for _ in SEEDS], config, SEEDS, None, path, identity="y")
+    other = fit_batched(problem, [strategy("proposed") for _ in SEEDS], config, SEEDS, None, path, identity="y",
+                        checkpoint_every_s=1e9)  # (it must not overwrite the checkpoint either)
     assert_same_runs(whole, other)
     resumed_steps = []
     resumed = fit_batched(problem, [strategy("proposed") for _ in SEEDS], config, SEEDS,

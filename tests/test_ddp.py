@@ -14,8 +14,11 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from metadistill.ddp import fit_ddp, init_from_env
+from metadistill.engine import fit
+from metadistill.problem import Problem
+from metadistill.results import DivergenceError
 from metadistill.strategies import Gradient, MetaOptimizer
-from metadistill.train import DivergenceError, Problem, TrainConfig, fit
+from metadistill.train import TrainConfig
 
 WORLD = 2
 SEED = 3

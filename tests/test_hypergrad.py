@@ -7,8 +7,9 @@ from torch import nn
 from torch.func import functional_call
 
 from metadistill import Metaparameters, greedy_hypergradient
-from metadistill.hypergrad import TrainStep, UpdateMap, step_hypergradient
+from metadistill.hypergrad import greedy
 from metadistill.jvp import generic_jvp, record_activations, tape_jvp
+from metadistill.steps import Runs, take_step, validation_gradient
 
 
 @pytest.fixture(autouse=True)
@@ -137,21 +138,31 @@ def test_eval_mode_batchnorm_uses_running_statistics():
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-12)
 
 
-@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
-def test_loop_ordering_matches_oracle_through_optimizer(opt_name):
-    """A real optimizer step, then its hypergradient, against the optimizer's update written out by hand.
+def distill(z, lam_t, y, teacher):
+    """The train loss written out (the paper's form) with lambda as a tensor."""
+    return lam_t[0] * F.cross_entropy(z, y) + (1 - lam_t[0]) * F.kl_div(
+        F.log_softmax(z / lam_t[1], 1), F.log_softmax(teacher / lam_t[1], 1), reduction="batchmean", log_target=True)
 
-    SGD with momentum, Nesterov and weight decay is exact; Adam holds its second moment fixed at
-    the state after the step (the documented approximation), which the oracle does too.
+
+@pytest.mark.parametrize("opt_name", ["sgd", "sgd_nesterov", "adam", "adam_fixed", "adamw_amsgrad"])
+def test_loop_ordering_matches_oracle_through_optimizer(opt_name):
+    """A real optimizer step, then its hypergradient, against the optimizer's update written out by hand and
+    differentiated by autograd: d L_val(w'(lambda)) / d lambda with everything before the step held fixed.
+
+    SGD with momentum, dampening or Nesterov and weight decay is exact; Adam and AdamW (amsgrad too) are
+    exact with adam_update="exact" (the default): the second moment's dependence on the gradient is
+    differentiated. "fixed_second_moment" holds Adam's denominator fixed, and the oracle does too.
     """
     model, x, y, teacher, xv, yv = make("cnn", seed=1)
     lam = Metaparameters(0.35, 2.2)
     lr, momentum, decay, dampening = 0.2, 0.9, 1e-3, 0.1
-    if opt_name == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    if opt_name.startswith("adam"):
+        kind = torch.optim.AdamW if opt_name == "adamw_amsgrad" else torch.optim.Adam
+        opt = kind(model.parameters(), lr=0.01, weight_decay=decay, amsgrad=opt_name == "adamw_amsgrad")
     else:
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, dampening=dampening,
-                              weight_decay=decay)
+        nesterov = opt_name == "sgd_nesterov"
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, dampening=0.0 if nesterov else dampening,
+                              weight_decay=decay, nesterov=nesterov)
     for _ in range(2):  # give the optimizer state (momentum buffers, moments)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
@@ -162,37 +173,36 @@ def test_loop_ordering_matches_oracle_through_optimizer(opt_name):
     before = {n: {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
               for n, p in model.named_parameters()}
 
-    update = UpdateMap(opt)
-    with record_activations(model) as record:
-        logits = model(x)
-    loss = lam.lambda1 * F.cross_entropy(logits, y) + (1 - lam.lambda1) * F.kl_div(
-        F.log_softmax(logits / lam.temperature, 1), F.log_softmax(teacher / lam.temperature, 1),
-        reduction="batchmean", log_target=True)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    step = TrainStep(model, params, buffers, x, y, teacher, lam, logits=logits, record=record)
-    got, _ = step_hypergradient(step, lambda v: update.apply(model, v), xv, yv)
+    adam_update = "fixed_second_moment" if opt_name == "adam_fixed" else "exact"
+    _, taken = take_step(model, opt, Runs(), x, y, teacher, [lam], keep=True, adam_update=adam_update)
+    v, _ = validation_gradient(model, Runs(), xv, yv)
+    got = greedy(taken, v)[0]
 
     lam_t = torch.tensor(lam.as_tuple(), requires_grad=True)
     leaves = {n: p.clone().requires_grad_() for n, p in params.items()}
     z = functional_call(model, (leaves, {n: b.clone() for n, b in buffers.items()}), (x,))
-    train = lam_t[0] * F.cross_entropy(z, y) + (1 - lam_t[0]) * F.kl_div(
-        F.log_softmax(z / lam_t[1], 1), F.log_softmax(teacher / lam_t[1], 1),
-        reduction="batchmean", log_target=True)
-    grads = dict(zip(names, torch.autograd.grad(train, list(leaves.values()), create_graph=True)))
+    grads = dict(zip(names, torch.autograd.grad(distill(z, lam_t, y, teacher), list(leaves.values()),
+                                                create_graph=True)))
+    group = opt.param_groups[0]
     moved = {}
     for n in names:
         w, g, state = params[n], grads[n], before[n]
-        if opt_name == "sgd":
+        if opt_name.startswith("sgd"):
             d_p = g + decay * w
-            moved[n] = w - lr * (momentum * state["momentum_buffer"] + (1 - dampening) * d_p)
-        else:
-            (beta1, beta2), t = opt.param_groups[0]["betas"], float(state["step"]) + 1
-            m = beta1 * state["exp_avg"] + (1 - beta1) * g
-            v_after = opt.state[dict(model.named_parameters())[n]]["exp_avg_sq"]
-            denom = (v_after / (1 - beta2**t)).sqrt() + opt.param_groups[0]["eps"]
-            moved[n] = w - 0.01 * (m / (1 - beta1**t)) / denom
+            buf = momentum * state["momentum_buffer"] + (1 - group["dampening"]) * d_p
+            moved[n] = w - lr * (d_p + momentum * buf if group["nesterov"] else buf)
+            continue
+        (beta1, beta2), t, eps = group["betas"], float(state["step"]) + 1, group["eps"]
+        g = g if opt_name == "adamw_amsgrad" else g + decay * w
+        m = beta1 * state["exp_avg"] + (1 - beta1) * g
+        second = beta2 * state["exp_avg_sq"] + (1 - beta2) * g * g
+        if opt_name == "adam_fixed":
+            second = opt.state[dict(model.named_parameters())[n]]["exp_avg_sq"]  # held at its value after the step
+        if opt_name == "adamw_amsgrad":
+            second = torch.maximum(state["max_exp_avg_sq"], second)
+        step = 0.01 * (m / (1 - beta1**t)) / ((second / (1 - beta2**t)).sqrt() + eps)
+        moved[n] = (w * (1 - 0.01 * decay) if opt_name == "adamw_amsgrad" else w) - step
     zv = functional_call(model, (moved, {n: b.clone() for n, b in buffers.items()}), (xv,))
     expected = torch.autograd.grad(F.cross_entropy(zv, yv), lam_t)[0]
+    assert float(expected.abs().min()) > 1e-8
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-12)

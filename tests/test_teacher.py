@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from metadistill.data.vision import VisionData
+from metadistill.identity import tensor_fingerprint
 from metadistill.teacher import (
     CHECKPOINT_FILE,
     LOGITS_FILE,
@@ -20,7 +21,6 @@ from metadistill.teacher import (
     get_teacher,
     load_teacher_model,
     lr_at_epoch,
-    tensor_fingerprint,
 )
 from metadistill.teacher_models import TEACHERS
 

@@ -8,8 +8,10 @@ import torch
 
 from metadistill.config import build_config
 from metadistill.data.synthetic import SPLITS, STUDENT_FEATURES, synthetic_problem
+from metadistill.engine import fit
+from metadistill.results import DivergenceError
 from metadistill.search import hyperopt_search
-from metadistill.train import DivergenceError, TrainConfig, fit
+from metadistill.train import TrainConfig
 
 SHORT = TrainConfig(epochs=60, batch_size=0, lr=1.0, t_val=0.1, eval_every=20)
 
@@ -74,21 +76,21 @@ def test_hyperopt_budget_and_validation_only_choice(problem):
 def test_hyperopt_skips_diverging_trials(problem, monkeypatch):
     import metadistill.search as search
 
-    real_fit = search.fit
+    real_fit_batched = search.fit_batched
     calls = []
 
-    def sometimes_diverging(problem, strategy, config, seed, progress=None):
-        calls.append(strategy.fixed)
+    def sometimes_diverging(problem, strategies, config, seeds, *args):
+        calls.append(strategies[0].fixed)
         if len(calls) % 2 == 1:
-            raise DivergenceError("training diverged at step 3")
-        return real_fit(problem, strategy, config, seed, progress)
+            return [DivergenceError("training diverged at step 3")]
+        return real_fit_batched(problem, strategies, config, seeds, *args)
 
-    monkeypatch.setattr(search, "fit", sometimes_diverging)
+    monkeypatch.setattr(search, "fit_batched", sometimes_diverging)
     result = hyperopt_search(problem, SHORT, seed=1, trials=3)
     trials = result.extra["trials"]
     assert [t["val_acc"] is None for t in trials] == [True, False, True]
     assert (result.final_lambda1, result.final_temperature) == (trials[1]["lambda1"], trials[1]["temperature"])
 
-    monkeypatch.setattr(search, "fit", lambda *a, **k: (_ for _ in ()).throw(DivergenceError("boom")))
+    monkeypatch.setattr(search, "fit_batched", lambda *a, **k: [DivergenceError("boom")])
     with pytest.raises(DivergenceError, match="all 2 hyperopt trials diverged"):
         hyperopt_search(problem, SHORT, seed=1, trials=2)

@@ -1,14 +1,19 @@
 """metadistill: gradient-based tuning of knowledge-distillation metaparameters (lambda1, T)."""
 
-from .batched import fit_batched
-from .hypergrad import HYPERGRADIENT_METHODS, UpdateMap, greedy_hypergradient
+from .engine import evaluate, fit, fit_batched, train_runs
+from .hypergrad import HYPERGRADIENT_METHODS, OnlineTangent, greedy_hypergradient, unrolled_hypergradient
+from .identity import PACKAGE_VERSION
 from .losses import distillation_loss, mixed_derivative, validation_loss
 from .meta import Metaparameters
+from .problem import Problem
+from .results import DivergenceError, RunResult
 from .search import hyperopt_search, hyperopt_search_batched
+from .steps import TakenStep, take_step
 from .strategies import Fixed, Gradient, LinearTrajectory, MetaOptimizer, Random, Strategy, random_metaparameters
-from .train import DivergenceError, Problem, RunResult, TakenStep, TrainConfig, evaluate, fit, train_step
+from .train import TrainConfig
+from .updates import UpdateMap
 
-__version__ = "0.1.0"
+__version__ = PACKAGE_VERSION
 
 __all__ = [
     "HYPERGRADIENT_METHODS",
@@ -18,6 +23,7 @@ __all__ = [
     "LinearTrajectory",
     "MetaOptimizer",
     "Metaparameters",
+    "OnlineTangent",
     "Problem",
     "Random",
     "RunResult",
@@ -34,6 +40,8 @@ __all__ = [
     "hyperopt_search_batched",
     "mixed_derivative",
     "random_metaparameters",
-    "train_step",
+    "take_step",
+    "train_runs",
+    "unrolled_hypergradient",
     "validation_loss",
 ]

@@ -23,8 +23,8 @@ from .experiment import EXECUTORS, load_vision_config, run_ddp, run_experiment, 
 from .plots import write_figures
 from .records import RecordError, check_writable, finished_runs
 from .report import summarize, text_table, write_report
+from .results import DivergenceError
 from .runtime import keep_freed_memory
-from .train import DivergenceError
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1

@@ -16,8 +16,8 @@ else:  # pragma: no cover
 
 import torch
 
-from .hypergrad import HYPERGRADIENT_METHODS
 from .meta import LAMBDA1_BOUNDS, TEMPERATURE_BOUNDS, Metaparameters
+from .steps import HYPERGRADIENT_METHODS
 from .strategies import META_OPTIMIZERS, Fixed, Gradient, LinearTrajectory, MetaOptimizer, Random, Strategy
 from .teacher_models import TEACHERS
 from .train import OPTIMIZERS, TrainConfig

@@ -12,14 +12,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .batched import Outcome, batchable, fit_batched
 from .config import METHODS, NOT_IDENTITY, ConfigError, ExperimentConfig
 from .data.vision import VisionData, load_vision
+from .engine import Outcome, batchable, fit_batched
 from .models import STUDENTS
+from .problem import Problem
 from .records import load_finished, run_dir, save_run
-from .search import hyperopt_search, hyperopt_search_batched
+from .results import DivergenceError, RunResult
+from .search import hyperopt_search_batched
 from .teacher import TeacherResult, get_teacher
-from .train import DivergenceError, Problem, RunResult, fit
 
 EXECUTORS = ("local", "ray")
 
@@ -68,17 +69,9 @@ def run_identity(config: ExperimentConfig, method: str, seed: int) -> dict[str, 
     return identity
 
 
-def run_one(config: ExperimentConfig, problem: Problem, method: str, seed: int,
-            progress: Callable[[int, int], None] | None = None) -> RunResult:
-    train_config = config.train_config()
-    if method == "hyperopt":
-        return hyperopt_search(problem, train_config, seed, config.hyperopt_trials, progress)
-    return fit(problem, config.strategy(method), train_config, seed, progress)
-
-
 def run_batch(config: ExperimentConfig, problem: Problem, method: str, seeds: list[int], checkpoint_dir: Path,
               progress: Callable[[int, int], None] | None = None) -> list[Outcome]:
-    """The runs `seeds` of `method` trained together (see batched.fit_batched), checkpointing into
+    """The runs `seeds` of `method` trained together (see engine.train_runs), checkpointing into
     `checkpoint_dir` so that an interrupted batch resumes."""
     train_config = config.train_config()
     identity = [run_identity(config, method, seed) for seed in seeds]
@@ -107,12 +100,7 @@ class Task:
 
 def run_task(config: ExperimentConfig, problem: Problem, task: Task, out: Path,
              progress: Callable[[int, int], None] | None = None) -> list[Outcome]:
-    """Train the task's runs (checkpointing a batch under `out`); outcome per seed: RunResult or DivergenceError."""
-    if len(task.seeds) == 1:
-        try:
-            return [run_one(config, problem, task.method, task.seeds[0], progress)]
-        except DivergenceError as error:
-            return [error]
+    """Train the task's runs (checkpointing under `out`); outcome per seed: RunResult or DivergenceError."""
     return run_batch(config, problem, task.method, task.seeds, task.checkpoint_dir(out, config.dataset), progress)
 
 
@@ -135,8 +123,7 @@ def finish_task(config: ExperimentConfig, task: Task, outcomes: list[Outcome], f
             ranks = f" on {result.extra['world_size']} ranks" if "world_size" in result.extra else ""
             log(f"{config.dataset} {task.method} run {seed}{ranks}: test acc {result.final_test_acc:.4f}, "
                 f"lambda1 {result.final_lambda1:.3f}, T {result.final_temperature:.3f}, {result.wall_s:.1f} s")
-    if len(task.seeds) > 1:
-        shutil.rmtree(task.checkpoint_dir(out, config.dataset), ignore_errors=True)
+    shutil.rmtree(task.checkpoint_dir(out, config.dataset), ignore_errors=True)
     return saved, errors
 
 

@@ -1,168 +1,45 @@
-"""Greedy (one-step) hypergradient of the validation loss with respect to (lambda1, T).
+"""Hypergradients of the validation loss with respect to (lambda1, T): greedy, unrolled and online.
 
-h = d/dlambda L_val(U(w, lambda)), where U is one optimizer step. With u = (dw'/dg) v and
-v = grad L_val(w'), h = -(d^2 L_train / dlambda dw) · u, and because lambda enters only the loss head,
-(d^2 L_train / dlambda dw) · u = sum over the batch of (d^2 l / dlambda dz) · (J_z u).
-Three ways to get that product:
-- "jvp": one Jacobian-vector product of the student logits (forward mode) and the closed-form
-  mixed derivative of the loss head; no double backward.
-- "fd": the original code's central finite difference of dL_train/dlambda at w +- eps u.
-- "double": double backward through the train gradient (reference; about 3x cost and memory).
+All three are one forward-mode machinery with different horizons. With Z_t = dw_t / dlambda (a
+[2, *shape] tangent per weight), an optimizer step w' = U(w, g(w, lambda)) carries it forward as
+    Z' = (dU/dw) Z + (dU/dg) (H Z + B),   H = d2 L_train / dw2,   B = d2 L_train / (dw dlambda),
+and the hypergradient after the step is h = grad_w L_val(w')^T Z'.
+- greedy (the paper's): Z = 0 before the step, so h = -(B^T u) with u = (dU/dg)^T grad L_val(w').
+  Because lambda enters only the loss head, B^T u is sum_batch (d2 l / dlambda dz) . (J_z u): one
+  Jacobian-vector product of the logits ("jvp"), or the original code's central finite difference
+  ("fd"), or double backward ("double", a reference).
+- unrolled: K steps from the current weights with lambda held fixed (`unrolled_hypergradient`), the
+  exact derivative of L_val after K steps, accumulated forward (not by backpropagating the steps).
+- online (real-time): Z carried along the real trajectory (`OnlineTangent`), decayed by gamma before
+  every step (gamma = 0 is the greedy hypergradient); lambda's own earlier changes are not part of Z.
+H Z + B is one forward-over-reverse product per column of Z ("exact"), or B alone ("identity": the
+step's curvature is dropped, which treats every earlier step's effect on w as surviving unchanged).
 Nothing here changes the model's parameters or buffers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import copy
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .jvp import ActivationRecord, logits_jvp, record_activations
-from .losses import distillation_loss, mixed_derivative, validation_loss
+from .jvp import capture_rng, jvp_kernels, record_activations, replay_rng
+from .losses import distillation_loss, loss_terms
 from .meta import Metaparameters
+from .steps import HYPERGRADIENT_METHODS, Runs, TakenStep, check_method, clone_tensors, take_step, validation_gradient
+from .updates import Tangents, UpdateMap
 
-HYPERGRADIENT_METHODS = ("jvp", "fd", "double")
+HESSIANS = ("exact", "identity")
 
-
-def _check_method(method: str) -> None:
-    if method not in HYPERGRADIENT_METHODS:
-        raise ValueError(f"unknown hypergradient method {method!r}; choose one of {', '.join(HYPERGRADIENT_METHODS)}")
-
-
-def _clone(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {name: t.detach().clone() for name, t in tensors.items()}
+__all__ = ["HESSIANS", "HYPERGRADIENT_METHODS", "OnlineTangent", "UpdateMap", "greedy", "greedy_hypergradient",
+           "unrolled_hypergradient"]
 
 
-class UpdateMap:
-    """The linear map from a change of the gradient to a change of the weights in one optimizer step.
-
-    w' = w - diag(scale) g + (terms independent of lambda), so dw'/dlambda = -scale * dg/dlambda.
-    SGD (momentum, dampening, Nesterov, weight decay) is exact; Adam/AdamW hold the second-moment
-    preconditioner fixed at its state after the step. Create it just before `optimizer.step()`
-    and read it after.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        if not isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)):
-            raise NotImplementedError(
-                f"the greedy hypergradient supports SGD, Adam and AdamW, not {type(optimizer).__name__}")
-        self.optimizer = optimizer
-        self.first_step = {}
-        for group in optimizer.param_groups:
-            if group.get("maximize", False):
-                raise NotImplementedError("the greedy hypergradient does not support maximize=True")
-            for p in group["params"]:
-                state = optimizer.state.get(p, {})
-                self.first_step[p] = state.get("momentum_buffer") is None
-
-    def scales(self) -> dict[nn.Parameter, Tensor | float]:
-        out: dict[nn.Parameter, Tensor | float] = {}
-        for group in self.optimizer.param_groups:
-            lr = float(group["lr"])
-            for p in group["params"]:
-                if isinstance(self.optimizer, torch.optim.SGD):
-                    momentum, dampening = group["momentum"], group["dampening"]
-                    if momentum == 0:
-                        factor = 1.0
-                    elif group["nesterov"]:
-                        factor = 1.0 + momentum * (1.0 if self.first_step[p] else 1.0 - dampening)
-                    else:
-                        factor = 1.0 if self.first_step[p] else 1.0 - dampening
-                    out[p] = lr * factor
-                else:
-                    state = self.optimizer.state[p]
-                    beta1, beta2 = group["betas"]
-                    step = float(state["step"])
-                    second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
-                    denom = (second / (1.0 - beta2**step)).sqrt() + group["eps"]
-                    out[p] = lr * (1.0 - beta1) / (1.0 - beta1**step) / denom
-        return out
-
-    def apply(self, model: nn.Module, gradient: dict[str, Tensor]) -> dict[str, Tensor]:
-        scales = self.scales()
-        return {name: gradient[name] * scales[p] for name, p in model.named_parameters() if p in scales}
-
-
-@dataclass
-class TrainStep:
-    """What the hypergradient of one real training step needs; the loop keeps it until asked."""
-
-    model: nn.Module
-    params: dict[str, Tensor]  # weights before the step
-    buffers: dict[str, Tensor]  # buffers before the step
-    x: Tensor
-    y: Tensor
-    teacher_logits: Tensor
-    lam: Metaparameters
-    t2_scaling: bool = False
-    logits: Tensor | None = None  # the step's own logits (same object the record saw)
-    record: ActivationRecord | None = None
-
-    def forward(self, params: dict[str, Tensor]) -> Tensor:
-        return functional_call(self.model, (params, _clone(self.buffers)), (self.x,))
-
-    def loss(self, logits: Tensor, lam: Tensor) -> Tensor:
-        return distillation_loss(logits, self.teacher_logits, self.y, lam[0], lam[1], self.t2_scaling)
-
-    def lam_tensor(self, like: Tensor) -> Tensor:
-        return torch.tensor(self.lam.as_tuple(), dtype=like.dtype, device=like.device)
-
-
-def mixed_product(step: TrainStep, direction: dict[str, Tensor], method: str = "jvp") -> Tensor:
-    """(d^2 L_train / dlambda dw) · direction at the step's weights, as a tensor [d lambda1, d T]."""
-    _check_method(method)
-    if method == "jvp":
-        logits, tangent = logits_jvp(step.model, step.params, step.buffers, step.x, direction,
-                                     step.record, step.logits)
-        mixed = mixed_derivative(logits.detach(), step.teacher_logits, step.y, *step.lam.as_tuple(),
-                                 t2_scaling=step.t2_scaling)
-        return (mixed * tangent.unsqueeze(0)).sum(dim=(1, 2))
-    if method == "fd":
-        norm = torch.sqrt(sum((d.double() ** 2).sum() for d in direction.values()))
-        # eps^(1/3) of the dtype balances truncation against round-off in a central difference.
-        eps = torch.finfo(next(iter(direction.values())).dtype).eps ** (1 / 3) / max(float(norm), 1e-30)
-        slopes = []
-        for sign in (1.0, -1.0):
-            moved = {name: p.detach() + sign * eps * direction[name] if name in direction else p.detach()
-                     for name, p in step.params.items()}
-            with torch.no_grad():
-                logits = step.forward(moved)
-            lam = step.lam_tensor(logits).requires_grad_()
-            slopes.append(torch.autograd.grad(step.loss(logits, lam), lam)[0])
-        return (slopes[0] - slopes[1]) / (2.0 * eps)
-    params = {name: p.detach().requires_grad_(name in direction) for name, p in step.params.items()}
-    names = [name for name in params if name in direction]
-    logits = step.forward(params)
-    lam = step.lam_tensor(logits).requires_grad_()
-    grads = torch.autograd.grad(step.loss(logits, lam), [params[n] for n in names], create_graph=True)
-    return torch.autograd.grad(grads, lam, grad_outputs=[direction[n] for n in names])[0]
-
-
-def validation_gradient(model: nn.Module, x_val: Tensor, y_val: Tensor, t_val: float = 1.0,
-                        params: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], float]:
-    """(grad_w L_val, L_val) at the model's current weights (or `params`); buffers are not written."""
-    if params is None:
-        params = {name: p.detach() for name, p in model.named_parameters()}
-    leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
-    buffers = _clone(dict(model.named_buffers()))
-    loss = validation_loss(functional_call(model, (leaves, buffers), (x_val,)), y_val, t_val)
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    return dict(zip(leaves, grads)), float(loss.detach())
-
-
-def step_hypergradient(step: TrainStep, update: Callable[[dict[str, Tensor]], dict[str, Tensor]],
-                       x_val: Tensor, y_val: Tensor, t_val: float = 1.0,
-                       method: str = "jvp") -> tuple[Tensor, float]:
-    """Hypergradient of a real step already taken: the model holds w' = U(w, lambda).
-
-    `update` maps grad L_val(w') to the weight direction u (the optimizer's UpdateMap). Returns
-    (h, L_val(w')).
-    """
-    v, val_loss = validation_gradient(step.model, x_val, y_val, t_val)
-    return -mixed_product(step, update(v), method), val_loss
+def greedy(taken: TakenStep, v: dict[str, Tensor], method: str = "jvp") -> Tensor:
+    """The greedy hypergradients [R, 2] of a step already taken, from v = grad L_val at its new weights."""
+    return -taken.mixed_product(taken.update.apply(taken.model, v), method)
 
 
 def greedy_hypergradient(
@@ -180,19 +57,155 @@ def greedy_hypergradient(
 ) -> Tensor:
     """[dL_val/dlambda1, dL_val/dT] after one plain SGD step of size `lr` from the model's weights.
 
-    The model is left exactly as it was (parameters and buffers, BatchNorm statistics included);
-    all forward passes use the model's current train/eval mode.
+    The model is left exactly as it was (parameters and buffers, BatchNorm statistics included); all
+    forward passes use the model's current train/eval mode. Frozen weights (requires_grad=False) do not
+    move. The result is a detached tensor.
     """
-    _check_method(method)
-    params = {name: p.detach().requires_grad_() for name, p in model.named_parameters()}
-    buffers = _clone(dict(model.named_buffers()))
-    step = TrainStep(model, {n: p.detach() for n, p in params.items()}, buffers, x, y,
-                     teacher_logits, lam, t2_scaling)
-    with record_activations(model) as record:
-        logits = functional_call(model, (params, _clone(buffers)), (x,))
-    step.logits, step.record = logits, record
+    check_method(method)
+    runs = Runs()
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    params = {name: p.detach().requires_grad_(name in trainable) for name, p in model.named_parameters()}
+    buffers = clone_tensors(dict(model.named_buffers()))
+    rng = capture_rng(x.device)
+    with record_activations(model) as record, jvp_kernels():
+        logits = functional_call(model, (params, clone_tensors(buffers)), (x,))
     loss = distillation_loss(logits, teacher_logits, y, lam.lambda1, lam.temperature, t2_scaling)
-    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
-    moved = {name: p.detach() - lr * grads[name] for name, p in params.items()}
-    v, _ = validation_gradient(model, x_val, y_val, t_val, params=moved)
-    return -mixed_product(step, {name: lr * g for name, g in v.items()}, method)
+    grads = dict(zip(trainable, torch.autograd.grad(loss, [params[n] for n in trainable])))
+    moved = {name: p.detach() - lr * grads[name] if name in grads else p.detach() for name, p in params.items()}
+    v, _ = validation_gradient(model, runs, x_val, y_val, t_val, params=moved)
+    step = TakenStep(model, runs, {n: p.detach() for n, p in params.items()}, buffers, x, y, teacher_logits,
+                     lam.lambda1, lam.temperature, t2_scaling, logits, record, rng, None)  # type: ignore[arg-type]
+    return -step.mixed_product({name: lr * g for name, g in v.items()}, method)[0].detach()
+
+
+def _functional_buffers(model: nn.Module, buffers: dict[str, Tensor]) -> dict[str, Tensor | None]:
+    """The buffers for a forward pass inside torch.func transforms: the running statistics of BatchNorm
+    layers in training mode are left out (None), since their in-place update cannot be transformed and
+    a training-mode BatchNorm normalises with batch statistics anyway."""
+    out: dict[str, Tensor | None] = clone_tensors(buffers)
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                key = f"{prefix}.{name}" if prefix else name
+                if key in out:
+                    out[key] = None
+    return out
+
+
+def gradient_tangents(taken: TakenStep, z: Tangents, hessian: str = "exact") -> Tangents:
+    """d grad_w L_train / dlambda along the trajectory: H Z + B ("exact") or B ("identity"), at the step's
+    weights and batch, per trainable weight [2, *shape] (column c: lambda1, T)."""
+    if hessian not in HESSIANS:
+        raise ValueError(f"hessian must be one of {', '.join(HESSIANS)}, got {hessian!r}")
+    names = [name for name, p in taken.model.named_parameters() if p in taken.update.entries]
+    frozen = {name: p for name, p in taken.params.items() if name not in names}
+    buffers = _functional_buffers(taken.model, taken.buffers)
+    lam = taken.lam_tensor(taken.logits)
+
+    def forward(params: dict[str, Tensor]) -> Tensor:
+        return functional_call(taken.model, ({**frozen, **params}, buffers), (taken.x,))
+
+    primal = {name: taken.params[name] for name in names}
+    if hessian == "identity":
+        params = {name: p.detach().requires_grad_() for name, p in primal.items()}
+        with replay_rng(taken.rng), jvp_kernels():
+            logits = forward(params)
+        grads = torch.autograd.grad(logits, list(params.values()), taken.mixed(logits), is_grads_batched=True)
+        return dict(zip(names, grads))
+
+    def loss(params: dict[str, Tensor], lam: Tensor) -> Tensor:
+        lambda1, temperature = (lam[0], lam[1]) if lam.dim() == 1 else (lam[:, 0], lam[:, 1])
+        hard, soft = loss_terms(forward(params), taken.teacher_logits, taken.y, temperature, taken.t2_scaling)
+        return (lambda1 * hard + (1.0 - lambda1) * soft).sum()
+
+    def column(z_column: dict[str, Tensor], lam_column: Tensor) -> dict[str, Tensor]:
+        return torch.func.jvp(torch.func.grad(loss), (primal, lam), (z_column, lam_column))[1]
+
+    units = torch.eye(2, dtype=lam.dtype, device=lam.device)
+    lam_tangents = units if lam.dim() == 1 else units.unsqueeze(1).expand(2, *lam.shape)
+    tangents = {name: z[name] if name in z else torch.zeros(2, *p.shape, dtype=p.dtype, device=p.device)
+                for name, p in primal.items()}
+    with replay_rng(taken.rng), jvp_kernels():
+        return torch.func.vmap(column, randomness="same")(tangents, lam_tangents)
+
+
+class OnlineTangent:
+    """Z = dw/dlambda (and the optimizer state's tangents) carried along the real trajectory of R runs.
+
+    Before each step Z is multiplied by `gamma` (gamma = 0: the greedy hypergradient), and reset to 0
+    when the previous step was not tracked (a gap, e.g. a prediction window). `hypergradient(v)` is
+    v^T Z per run.
+    """
+
+    def __init__(self, gamma: float = 1.0, hessian: str = "exact") -> None:
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        if hessian not in HESSIANS:
+            raise ValueError(f"hessian must be one of {', '.join(HESSIANS)}, got {hessian!r}")
+        self.gamma, self.hessian = gamma, hessian
+        self.z: Tangents = {}
+        self.state: dict[str, dict[str, Tensor]] = {}
+        self.last_step: int | None = None
+
+    def advance(self, taken: TakenStep, step: int) -> None:
+        """Carry Z over the step `step` just taken."""
+        if self.last_step != step - 1 or self.gamma == 0.0:
+            self.z, self.state = {}, {}
+        elif self.gamma != 1.0:
+            self.z = {name: self.gamma * t for name, t in self.z.items()}
+            self.state = {name: {k: self.gamma * t for k, t in own.items()} for name, own in self.state.items()}
+        d_grad = gradient_tangents(taken, self.z, self.hessian)
+        self.z = taken.update.tangent(taken.model, self.z, d_grad, self.state)
+        self.last_step = step
+
+    def hypergradient(self, runs: Runs, v: dict[str, Tensor]) -> Tensor:
+        """grad L_val^T Z per run: [R, 2]."""
+        return runs.per_run_sum({name: v[name] * z for name, z in self.z.items() if name in v}, lead=1).T
+
+    def state_dict(self) -> dict:
+        return {"z": self.z, "state": self.state, "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.z, self.state, self.last_step = state["z"], state["state"], state["last_step"]
+
+
+def unrolled_hypergradient(
+    model: nn.Module,
+    xs: list[Tensor],
+    ys: list[Tensor],
+    teacher_logits: list[Tensor],
+    x_val: Tensor,
+    y_val: Tensor,
+    lam: Metaparameters,
+    lr: float,
+    t_val: float = 1.0,
+    hessian: str = "exact",
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    t2_scaling: bool = False,
+) -> Tensor:
+    """[dL_val(w_K)/dlambda1, dL_val(w_K)/dT] after K = len(xs) SGD steps of size `lr` (with `momentum`,
+    `weight_decay`, `nesterov` as torch.optim.SGD takes them) from the model's current weights, lambda
+    held fixed, batch k being (xs[k], ys[k], teacher_logits[k]).
+
+    Computed forward: Z = dw/dlambda is carried over each step (`OnlineTangent` with gamma = 1), so the
+    memory is that of one step whatever K; not by backpropagating through the K steps. hessian="exact"
+    is the exact derivative; "identity" drops the curvature term H Z of every step (cheaper, biased).
+    K = 1 is `greedy_hypergradient`. The model is left exactly as it was (a copy takes the steps); all
+    forward passes use its current train/eval mode. Returns a detached tensor.
+    """
+    if not (len(xs) == len(ys) == len(teacher_logits) >= 1):
+        raise ValueError("xs, ys and teacher_logits must be lists of the same length K >= 1")
+    runs = Runs()
+    shadow = copy.deepcopy(model)
+    optimizer = torch.optim.SGD([p for p in shadow.parameters() if p.requires_grad], lr=lr, momentum=momentum,
+                                weight_decay=weight_decay, nesterov=nesterov)
+    tangent = OnlineTangent(1.0, hessian)
+    for step, (x, y, teacher) in enumerate(zip(xs, ys, teacher_logits)):
+        _, taken = take_step(shadow, optimizer, runs, x, y, teacher, [lam], t2_scaling, keep=True)
+        assert taken is not None
+        tangent.advance(taken, step)
+    v, _ = validation_gradient(shadow, runs, x_val, y_val, t_val)
+    return tangent.hypergradient(runs, v)[0].detach()
+

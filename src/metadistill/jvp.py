@@ -126,16 +126,39 @@ def record_activations(model: nn.Module) -> Iterator[ActivationRecord]:
             handle.remove()
 
 
+def capture_rng(device: torch.device) -> object:
+    """TEMPORARY (replaced by the jvp-exact branch): the RNG state before a forward pass."""
+    return torch.get_rng_state()
+
+
+@contextmanager
+def replay_rng(state: object) -> Iterator[None]:
+    """TEMPORARY: run the block with the captured RNG state, leaving the caller's stream as it was."""
+    if state is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(state)
+        yield
+
+
+@contextmanager
+def jvp_kernels() -> Iterator[None]:
+    """TEMPORARY: kernels that forward-mode AD can differentiate."""
+    yield
+
+
 def generic_jvp(
     model: nn.Module,
     params: dict[str, Tensor],
     buffers: dict[str, Tensor],
     x: Tensor,
     tangents: dict[str, Tensor],
+    rng: object = None,
 ) -> tuple[Tensor, Tensor]:
     """(logits, J_logits · tangents) at `params` by forward-mode AD; `buffers` are cloned, never written."""
     scratch = {name: b.clone() for name, b in buffers.items()}
-    with fwad.dual_level():
+    with fwad.dual_level(), replay_rng(rng):
         duals = {name: fwad.make_dual(p.detach(), tangents[name]) if name in tangents else p.detach()
                  for name, p in params.items()}
         out = functional_call(model, (duals, scratch), (x,))
@@ -298,8 +321,9 @@ def logits_jvp(
     tangents: dict[str, Tensor],
     record: ActivationRecord | None = None,
     logits: Tensor | None = None,
+    rng: object = None,
 ) -> tuple[Tensor, Tensor]:
     """(logits, J_logits · tangents) at `params`; uses the tape when `record` covers a supported chain."""
     if record is not None and logits is not None and record.chain(x, logits):
         return logits.detach(), tape_jvp(record, params, buffers, tangents)
-    return generic_jvp(model, params, buffers, x, tangents)
+    return generic_jvp(model, params, buffers, x, tangents, rng)

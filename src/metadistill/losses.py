@@ -23,23 +23,48 @@ def distillation_loss(
     the hard-label cross-entropy, so lambda1 = 1 is training without distillation. s(T) = 1 (the
     paper), or T**2 (Hinton's scaling) when `t2_scaling` is true. `lambda1` and `temperature` may be
     floats or 0-d tensors (tensors that require grad make the loss differentiable in them).
+
+    R runs at once: logits [B, R, K], targets [B, R] and per-run `lambda1`, `temperature` of shape
+    [R] give the R batch-mean losses [R]. Where lambda1 is exactly 1 (a float, or a tensor of ones
+    that does not require grad) the distillation term is not computed.
     """
-    hard = F.cross_entropy(student_logits, targets)
-    if isinstance(lambda1, float) and lambda1 == 1.0:
-        return hard
-    soft = F.kl_div(
-        F.log_softmax(student_logits / temperature, dim=1),
-        F.log_softmax(teacher_logits / temperature, dim=1),
-        reduction="batchmean",
-        log_target=True,
-    )
-    if t2_scaling:
-        soft = soft * temperature**2
+    if isinstance(lambda1, float) and lambda1 == 1.0 or (
+            isinstance(lambda1, Tensor) and not lambda1.requires_grad and bool((lambda1 == 1.0).all())):
+        return loss_terms(student_logits, teacher_logits, targets, None, t2_scaling)[0]
+    hard, soft = loss_terms(student_logits, teacher_logits, targets, temperature, t2_scaling)
     return lambda1 * hard + (1.0 - lambda1) * soft
 
 
+def loss_terms(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, temperature: Scalar | None,
+               t2_scaling: bool = False) -> tuple[Tensor, Tensor | None]:
+    """(CE(z, y), s(T) * KL(softmax(f/T) || softmax(z/T))), batch means, of `distillation_loss`; the second is
+    None when `temperature` is None. Logits [B, K] give scalars; [B, R, K] with T of shape [R] give [R]."""
+    if student_logits.dim() == 2:
+        hard = F.cross_entropy(student_logits, targets)
+        if temperature is None:
+            return hard, None
+        soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
+                        F.log_softmax(teacher_logits / temperature, dim=1), reduction="batchmean", log_target=True)
+    else:
+        log_p = F.log_softmax(student_logits, dim=-1)
+        hard = -log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean(0)
+        if temperature is None:
+            return hard, None
+        t = temperature.unsqueeze(-1)
+        log_q = F.log_softmax(student_logits / t, dim=-1)
+        log_teacher = F.log_softmax(teacher_logits / t, dim=-1)
+        soft = (log_teacher.exp() * (log_teacher - log_q)).sum(-1).mean(0)
+    if t2_scaling:
+        soft = soft * temperature**2
+    return hard, soft
+
+
 def validation_loss(student_logits: Tensor, targets: Tensor, t_val: float = 1.0) -> Tensor:
-    """Batch mean of CE(z / t_val, y); it does not depend on the metaparameters."""
+    """Batch mean of CE(z / t_val, y); it does not depend on the metaparameters. R runs at once: logits
+    [B, R, K] and targets [B, R] give the R batch means [R]."""
+    if student_logits.dim() == 3:
+        log_p = F.log_softmax(student_logits / t_val, dim=-1)
+        return -log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean(0)
     return F.cross_entropy(student_logits / t_val, targets)
 
 
@@ -79,32 +104,3 @@ def mixed_derivative(
     d_lambda1 = (sigma - onehot) - c * (q - p)
     d_temperature = (1.0 - lambda1) * (dc * (q - p) + c * (dq - dp))
     return torch.stack((d_lambda1, d_temperature)) / batch
-
-
-def per_run_distillation_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    targets: Tensor,
-    lambda1: Tensor,
-    temperature: Tensor,
-    t2_scaling: bool = False,
-) -> Tensor:
-    """`distillation_loss` of R stacked runs at once: logits [B, R, K], targets [B, R], lambda1 and
-    temperature [R]; returns the R batch-mean losses [R]."""
-    log_p = F.log_softmax(student_logits, dim=-1)
-    hard = -log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean(0)
-    if bool((lambda1 == 1.0).all()):
-        return hard
-    t = temperature.unsqueeze(-1)
-    log_q = F.log_softmax(student_logits / t, dim=-1)
-    log_teacher = F.log_softmax(teacher_logits / t, dim=-1)
-    soft = (log_teacher.exp() * (log_teacher - log_q)).sum(-1).mean(0)
-    if t2_scaling:
-        soft = soft * temperature**2
-    return lambda1 * hard + (1.0 - lambda1) * soft
-
-
-def per_run_validation_loss(student_logits: Tensor, targets: Tensor, t_val: float = 1.0) -> Tensor:
-    """`validation_loss` of R stacked runs: logits [B, R, K], targets [B, R] -> [R]."""
-    log_p = F.log_softmax(student_logits / t_val, dim=-1)
-    return -log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean(0)

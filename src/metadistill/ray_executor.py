@@ -13,8 +13,8 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .batched import Outcome
 from .config import ConfigError, ExperimentConfig
+from .engine import Outcome
 
 
 def _task(config_values: dict, method: str, seeds: list[int], out: str) -> list[Outcome]:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
-from .train import RunResult
+from .files import write_atomic
+from .results import RunResult
 
 RESULT = "result.json"
 CONFIG = "config.json"
@@ -21,25 +20,6 @@ class RecordError(RuntimeError):
 
 def run_dir(out: Path, dataset: str, method: str, seed: int) -> Path:
     return Path(out) / dataset / method / f"run_{seed:03d}"
-
-
-def write_atomic(path: Path, payload: str | bytes) -> None:
-    """Write via a temporary file in the same directory and os.replace, so `path` is absent, old or complete.
-
-    The temporary name is unique per writer (two processes may write the same file), and it is created
-    with the umask's permissions (tempfile's 0600 would hide shared caches and records from others).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(temp, "wb") as handle:
-            handle.write(payload.encode() if isinstance(payload, str) else payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def check_writable(out: Path) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import method_order
-from .records import finished_runs, write_atomic
+from .files import write_atomic
+from .records import finished_runs
 
 # The paper's table: test accuracy "mean (max)" over 10 runs.
 PAPER = {

@@ -1,4 +1,9 @@
-"""The hyperopt TPE baseline: each trial a full training with fixed lambda, scored on validation only."""
+"""The hyperopt TPE baseline: each trial a full training with fixed lambda, scored on validation only.
+
+One driver serves one search and R searches alike: the R searches advance together (`TPESearch`, an
+ask/tell view of hyperopt's fmin), trial k of every run trained as one batch (`engine.fit_batched`),
+then the R final trainings as one batch; `hyperopt_search` is the case R = 1.
+"""
 
 from __future__ import annotations
 
@@ -9,80 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from hyperopt import STATUS_FAIL, STATUS_OK, Trials, base, fmin, hp, tpe
-from hyperopt.exceptions import AllTrialsFailed
+from hyperopt import STATUS_FAIL, STATUS_OK, Trials, base, hp, tpe
 
-from .batched import Outcome, fit_batched
+from .engine import Outcome, fit_batched
+from .files import write_atomic
 from .meta import Metaparameters
-from .records import write_atomic
+from .problem import Problem
+from .results import DivergenceError, RunResult
 from .strategies import Fixed
-from .train import DivergenceError, Problem, RunResult, TrainConfig, fit
+from .train import TrainConfig
 
 SPACE = {"lambda1": hp.uniform("lambda1", 0.0, 1.0), "log10_temperature": hp.uniform("log10_temperature", -1.0, 1.0)}
-
-
-def hyperopt_search(
-    problem: Problem,
-    config: TrainConfig,
-    seed: int,
-    trials: int = 5,
-    progress: Callable[[int, int], None] | None = None,
-) -> RunResult:
-    """TPE over lambda1 ~ U(0, 1), log10 T ~ U(-1, 1): `trials` trainings with fixed lambda on the train
-    split, each scored by its final validation accuracy, then one final training with the best lambda.
-
-    The result is the final training's, with cost counters summed over all `trials + 1` trainings
-    and the trials listed in `extra["trials"]`. The test set takes no part in the search. A trial
-    whose training diverges is a failed evaluation (recorded, never chosen); only when every trial
-    diverges does the search raise DivergenceError. Note that TPE draws its first 20 points at
-    random, so a paper-sized budget of 5 trials is a seeded random search.
-    """
-    started = time.perf_counter()
-    history: list[dict] = []
-    done_steps = 0
-
-    def train(lam: Metaparameters) -> RunResult:
-        nonlocal done_steps
-        offset = done_steps
-
-        def report(step: int, total: int) -> None:
-            if progress is not None:
-                progress(offset + step, total * (trials + 1))
-
-        result = fit(problem, Fixed(lam, "hyperopt"), config, seed, progress=report)
-        done_steps += result.steps
-        return result
-
-    def objective(point: dict) -> dict:
-        lam = _point_lam(point)
-        trial_started = time.perf_counter()
-        try:
-            result = train(lam)
-        except DivergenceError as error:
-            # A diverging trial is a failed evaluation for TPE, not the end of the search.
-            history.append({"lambda1": lam.lambda1, "temperature": lam.temperature, "val_acc": None,
-                            "diverged": str(error), "steps": 0, "wall_s": time.perf_counter() - trial_started})
-            return {"status": STATUS_FAIL}
-        history.append({"lambda1": lam.lambda1, "temperature": lam.temperature,
-                        "val_acc": result.final_val_acc, "steps": result.steps, "wall_s": result.wall_s})
-        return {"loss": -result.final_val_acc, "status": STATUS_OK}
-
-    try:
-        fmin(objective, SPACE, algo=tpe.suggest, max_evals=trials, trials=Trials(),
-             rstate=np.random.default_rng(seed), show_progressbar=False)
-    except AllTrialsFailed:
-        pass  # reported below, with the reason
-
-    scored = [trial for trial in history if trial["val_acc"] is not None]
-    if not scored:
-        raise DivergenceError(f"all {trials} hyperopt trials diverged (seed {seed})")
-    best = max(scored, key=lambda trial: trial["val_acc"])  # first of equals, as hyperopt
-    final = train(Metaparameters(best["lambda1"], best["temperature"]))
-    final.full_trainings = trials + 1
-    final.steps = sum(trial["steps"] for trial in history) + final.steps  # diverged trials count 0
-    final.wall_s = time.perf_counter() - started
-    final.extra = {"trials": history, "best": best}
-    return final
+Progress = Callable[[int, int], None]
 
 
 def _point_lam(point: dict) -> Metaparameters:
@@ -127,94 +70,120 @@ class TPESearch:
         self.trials.refresh()
 
 
+class _Searches:
+    """R TPE searches advancing together, with their finished trials kept in `checkpoint_dir`/search.json."""
+
+    def __init__(self, problem: Problem, config: TrainConfig, seeds: list[int], trials: int,
+                 progress: Progress | None, checkpoint_dir: Path | None, identity: Any,
+                 checkpoint_every_s: float) -> None:
+        self.problem, self.config, self.seeds, self.trials = problem, config, seeds, trials
+        self.progress, self.checkpoint_dir, self.identity = progress, checkpoint_dir, identity
+        self.checkpoint_every_s = checkpoint_every_s
+        self.searches = [TPESearch(seed) for seed in seeds]
+        self.histories: list[list[dict]] = [[] for _ in seeds]
+        self.started, self.earlier_wall = time.perf_counter(), 0.0
+        self.time_in_trainings = self.trainings_wall = 0.0  # this process's time in trainings; their own wall
+        self.state_path = None if checkpoint_dir is None else Path(checkpoint_dir) / "search.json"
+        if self.state_path is not None and self.state_path.exists():
+            saved = json.loads(self.state_path.read_text())
+            if saved.get("identity") == identity and saved.get("seeds") == list(seeds):
+                self.histories, self.earlier_wall = saved["histories"], saved["wall_s"]
+        # Replay the finished trials (the same points come out, since TPE is seeded), then go on.
+        for search, history in zip(self.searches, self.histories):
+            for trial in history:
+                search.ask()
+                search.tell(trial["val_acc"])
+
+    def wall(self) -> float:
+        """Wall time so far; each training counts its own wall time (summed over its resumptions)."""
+        return self.earlier_wall + time.perf_counter() - self.started - self.time_in_trainings + self.trainings_wall
+
+    def train(self, lams: list[Metaparameters], seeds: list[int], k: int, name: str) -> list[Outcome]:
+        """Training k (trial k, or the final one: k = trials) of the runs `seeds` with fixed `lams`."""
+        total = self.trials + 1
+        report = None if self.progress is None else (
+            lambda step, steps: self.progress(k * steps + step, total * steps))  # type: ignore[misc]
+        entered = time.perf_counter()
+        outcomes = fit_batched(self.problem, [Fixed(lam, "hyperopt") for lam in lams], self.config, seeds, report,
+                               None if self.checkpoint_dir is None else Path(self.checkpoint_dir) / name,
+                               [self.identity, k, [lam.as_tuple() for lam in lams]], self.checkpoint_every_s)
+        self.time_in_trainings += time.perf_counter() - entered
+        self.trainings_wall += sum(outcome.wall_s for outcome in outcomes)
+        return outcomes
+
+    def run_trial(self, k: int) -> None:
+        lams = [search.ask() for search in self.searches]
+        for search, history, lam, outcome in zip(self.searches, self.histories, lams,
+                                                 self.train(lams, self.seeds, k, f"trial_{k}.ckpt")):
+            diverged = isinstance(outcome, DivergenceError)
+            search.tell(None if diverged else outcome.final_val_acc)
+            trial = {"lambda1": lam.lambda1, "temperature": lam.temperature,
+                     "val_acc": None if diverged else outcome.final_val_acc,
+                     "steps": 0 if diverged else outcome.steps, "wall_s": outcome.wall_s}
+            history.append({**trial, "diverged": str(outcome)} if diverged else trial)
+        if self.state_path is not None:
+            write_atomic(self.state_path, json.dumps({"identity": self.identity, "seeds": list(self.seeds),
+                                                      "histories": self.histories, "wall_s": self.wall()}))
+
+    def finish(self) -> list[Outcome]:
+        """The final training of each run with its best trial's lambda (first of equals, as hyperopt)."""
+        runs = len(self.seeds)
+        results: list[Outcome | None] = [None] * runs
+        finals: list[tuple[int, dict]] = []
+        for r, history in enumerate(self.histories):
+            scored = [trial for trial in history if trial["val_acc"] is not None]
+            if scored:
+                finals.append((r, max(scored, key=lambda trial: trial["val_acc"])))
+            else:
+                results[r] = DivergenceError(f"all {self.trials} hyperopt trials diverged (seed {self.seeds[r]})")
+        if finals:
+            lams = [Metaparameters(best["lambda1"], best["temperature"]) for _, best in finals]
+            outcomes = self.train(lams, [self.seeds[r] for r, _ in finals], self.trials, "final.ckpt")
+            total_wall = self.wall()
+            for (r, best), outcome in zip(finals, outcomes):
+                if isinstance(outcome, RunResult):
+                    outcome.full_trainings = self.trials + 1
+                    outcome.steps = sum(trial["steps"] for trial in self.histories[r]) + outcome.steps
+                    outcome.wall_s = total_wall / runs
+                    outcome.extra = {"trials": self.histories[r], "best": best}
+                    if runs > 1:
+                        outcome.extra.update(batch_runs=runs, batch_wall_s=total_wall)
+                results[r] = outcome
+        return [outcome for outcome in results if outcome is not None]  # every run has one by now
+
+
 def hyperopt_search_batched(
     problem: Problem,
     config: TrainConfig,
     seeds: list[int],
     trials: int = 5,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     checkpoint_dir: Path | None = None,
     identity: Any = None,
     checkpoint_every_s: float = 30.0,
 ) -> list[Outcome]:
-    """`hyperopt_search` for several runs at once: the R searches advance together, trial k of every run
-    trained as one batch (`fit_batched`), then the R final trainings as one batch.
+    """TPE over lambda1 ~ U(0, 1), log10 T ~ U(-1, 1) for the runs `seeds`: `trials` trainings with fixed
+    lambda on the train split, each scored by its final validation accuracy, then one final training with
+    the best lambda; outcome r is run r's RunResult (the final training's, with cost counters summed over
+    all `trials + 1` trainings and the trials in `extra["trials"]`) or its DivergenceError.
 
-    With `checkpoint_dir`, the searches' finished trials are kept in search.json and every training in
-    progress checkpoints itself, so an interrupted search resumes (the searches are replayed from the
-    recorded trials; TPE is deterministic given its seed and results). The wall time counts each
-    training's own wall time, so the part of a training done before an interruption is counted too.
+    The test set takes no part in the search. A trial whose training diverges is a failed evaluation
+    (recorded, never chosen); only when every trial of a run diverges is the run a DivergenceError. Note
+    that TPE draws its first 20 points at random, so a paper-sized budget of 5 trials is a seeded random
+    search. With `checkpoint_dir`, the searches' finished trials are kept in search.json and every
+    training in progress checkpoints itself, so an interrupted search resumes (the searches are replayed
+    from the recorded trials; TPE is deterministic given its seed and results).
     """
-    started = time.perf_counter()
-    runs = len(seeds)
-    searches = [TPESearch(seed) for seed in seeds]
-    histories: list[list[dict]] = [[] for _ in seeds]
-    earlier_wall = 0.0
-    state_path = None if checkpoint_dir is None else Path(checkpoint_dir) / "search.json"
-    if state_path is not None and state_path.exists():
-        saved = json.loads(state_path.read_text())
-        if saved.get("identity") == identity and saved.get("seeds") == list(seeds):
-            histories, earlier_wall = saved["histories"], saved["wall_s"]
-    # Replay the finished trials (the same points come out, since TPE is seeded), then go on.
-    for search, history in zip(searches, histories):
-        for trial in history:
-            search.ask()
-            search.tell(trial["val_acc"])
-    total = trials + 1
+    searches = _Searches(problem, config, seeds, trials, progress, checkpoint_dir, identity, checkpoint_every_s)
+    for k in range(len(searches.histories[0]), trials):
+        searches.run_trial(k)
+    return searches.finish()
 
-    def trial_progress(k: int) -> Callable[[int, int], None] | None:
-        if progress is None:
-            return None
-        return lambda step, steps: progress(k * steps + step, total * steps)
 
-    time_in_trainings = trainings_wall = 0.0  # this process's time in fit_batched; those trainings' own wall
-
-    def train(lams: list[Metaparameters], run_seeds: list[int], k: int, name: str, key: Any) -> list[Outcome]:
-        nonlocal time_in_trainings, trainings_wall
-        entered = time.perf_counter()
-        outcomes = fit_batched(problem, [Fixed(lam, "hyperopt") for lam in lams], config, run_seeds,
-                               trial_progress(k), None if checkpoint_dir is None else Path(checkpoint_dir) / name,
-                               [identity, key, [lam.as_tuple() for lam in lams]], checkpoint_every_s)
-        time_in_trainings += time.perf_counter() - entered
-        trainings_wall += sum(outcome.wall_s for outcome in outcomes)
-        return outcomes
-
-    def wall() -> float:
-        return earlier_wall + time.perf_counter() - started - time_in_trainings + trainings_wall
-
-    for k in range(len(histories[0]), trials):
-        lams = [search.ask() for search in searches]
-        outcomes = train(lams, seeds, k, f"trial_{k}.ckpt", k)
-        for search, history, lam, outcome in zip(searches, histories, lams, outcomes):
-            if isinstance(outcome, DivergenceError):
-                search.tell(None)
-                history.append({"lambda1": lam.lambda1, "temperature": lam.temperature, "val_acc": None,
-                                "diverged": str(outcome), "steps": 0, "wall_s": outcome.wall_s})
-            else:
-                search.tell(outcome.final_val_acc)
-                history.append({"lambda1": lam.lambda1, "temperature": lam.temperature,
-                                "val_acc": outcome.final_val_acc, "steps": outcome.steps, "wall_s": outcome.wall_s})
-        if state_path is not None:
-            write_atomic(state_path, json.dumps({"identity": identity, "seeds": list(seeds), "histories": histories,
-                                                 "wall_s": wall()}))
-
-    results: list[Outcome | None] = [None] * runs
-    finals: list[tuple[int, dict]] = []
-    for r, history in enumerate(histories):
-        scored = [trial for trial in history if trial["val_acc"] is not None]
-        if not scored:
-            results[r] = DivergenceError(f"all {trials} hyperopt trials diverged (seed {seeds[r]})")
-        else:
-            finals.append((r, max(scored, key=lambda trial: trial["val_acc"])))  # first of equals, as hyperopt
-    if finals:
-        lams = [Metaparameters(best["lambda1"], best["temperature"]) for _, best in finals]
-        outcomes = train(lams, [seeds[r] for r, _ in finals], trials, "final.ckpt", "final")
-        total_wall = wall()
-        for (r, best), outcome in zip(finals, outcomes):
-            if isinstance(outcome, RunResult):
-                outcome.full_trainings = trials + 1
-                outcome.steps = sum(trial["steps"] for trial in histories[r]) + outcome.steps
-                outcome.wall_s = total_wall / runs
-                outcome.extra = {"trials": histories[r], "best": best, "batch_runs": runs, "batch_wall_s": total_wall}
-            results[r] = outcome
-    return [outcome for outcome in results if outcome is not None]  # every run has one by now
+def hyperopt_search(problem: Problem, config: TrainConfig, seed: int, trials: int = 5,
+                    progress: Progress | None = None) -> RunResult:
+    """`hyperopt_search_batched` for one run; raises DivergenceError when every trial diverged."""
+    outcome = hyperopt_search_batched(problem, config, [seed], trials, progress)[0]
+    if isinstance(outcome, DivergenceError):
+        raise outcome
+    return outcome

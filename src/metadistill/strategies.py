@@ -47,6 +47,10 @@ class Strategy:
         assert self.lam is not None, "start() first"
         return self.lam
 
+    def settings(self) -> dict:
+        """What determines the strategy's choices (its name and settings; not its state)."""
+        return {"name": self.name}
+
     def state_dict(self) -> dict:
         return {"lam": None if self.lam is None else self.lam.as_tuple()}
 
@@ -65,6 +69,9 @@ class Fixed(Strategy):
     def start(self, seed: int) -> Metaparameters:
         self.lam = self.fixed
         return self.lam
+
+    def settings(self) -> dict:
+        return {"name": self.name, "lam": list(self.fixed.as_tuple())}
 
 
 class Random(Strategy):
@@ -116,6 +123,9 @@ class MetaOptimizer:
         self.adam.step()
         return Metaparameters.from_unconstrained(*self.coords.detach().tolist())
 
+    def settings(self) -> dict:
+        return {"kind": self.kind, "meta_lr": self.meta_lr, **({"clip": self.clip} if self.kind == "sgd" else {})}
+
     def state_dict(self) -> dict:
         if self.kind == "sgd":
             return {}
@@ -137,6 +147,7 @@ class Gradient(Strategy):
 
     name = "gradient"
     uses_hypergradient = True
+    horizon = None  # the greedy (one-step) hypergradient
 
     def __init__(self, meta: MetaOptimizer | None = None, lambda1: float | None = None,
                  temperature: float | None = None) -> None:
@@ -162,6 +173,9 @@ class Gradient(Strategy):
         assert self.lam is not None, "start() first"
         self.lam = self.meta.update(self.lam, hypergradient())
         return self.lam
+
+    def settings(self) -> dict:
+        return {"name": self.name, "meta": self.meta.settings(), "init": list(self.init)}
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "meta": self.meta.state_dict()}
@@ -212,7 +226,7 @@ class LinearTrajectory(Gradient):
             if position == self.window - 1:
                 z = np.arange(self.window, dtype=np.float64)
                 values = np.asarray(self.recorded, dtype=np.float64)
-                self.line = [tuple(np.polyfit(z, values[:, i], 1)) for i in range(2)]
+                self.line = [tuple(float(c) for c in np.polyfit(z, values[:, i], 1)) for i in range(2)]
         if self.is_gradient_step(step + 1):
             return self.lam
         assert self.line is not None
@@ -221,6 +235,9 @@ class LinearTrajectory(Gradient):
         z = (step + 1) % (self.window * self.period)
         self.lam = Metaparameters.clamped(*(slope * z + intercept for slope, intercept in self.line))
         return self.lam
+
+    def settings(self) -> dict:
+        return {**super().settings(), "window": self.window, "period": self.period}
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "recorded": list(self.recorded), "line": self.line}

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .data.vision import VisionData
-from .records import write_atomic
+from .files import write_atomic
+from .identity import tensor_fingerprint
 from .teacher_models import TEACHERS
 
 # Bump whenever a change to the training code (loop, schedule, augmentation, architectures) changes the teacher
@@ -26,7 +27,6 @@ TEACHER_CACHE_VERSION = 1
 
 LR_DECAY_FACTOR = 0.1  # the paper's step: lr for the first half of the epochs, lr / 10 for the second half
 EVAL_BATCH_SIZE = 1000
-FINGERPRINT_SAMPLES = 65536  # evenly spaced elements of each tensor hashed byte for byte
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOGITS_FILE = "train_logits.pt"
@@ -75,23 +75,6 @@ def augment_batch(x: Tensor, pad: int, fill: Tensor, generator: torch.Generator 
     picked = padded.permute(0, 2, 3, 1)[torch.arange(batch, device=x.device)[:, None, None], rows[:, :, None],
                                         cols[:, None, :]]
     return picked.permute(0, 3, 1, 2)
-
-
-def tensor_fingerprint(t: Tensor) -> dict[str, Any]:
-    """Shape, dtype, an exact checksum and a strided sample hash of `t`, equal on every device and thread count.
-
-    The checksum sums the raw bit patterns as int64 (exact and order-free, unlike a float sum), so any changed
-    element changes it; the hash of evenly spaced elements also catches reordering.
-    """
-    flat = t.detach().reshape(-1)
-    bits = flat.view(torch.int32) if flat.dtype == torch.float32 else flat
-    checksum = sum(int(chunk.to(torch.int64).sum()) for chunk in bits.split(1 << 22))
-    count = min(FINGERPRINT_SAMPLES, flat.numel())
-    # Integer arithmetic: a float linspace rounds past the last index on tensors of tens of millions of elements.
-    index = torch.arange(count, device=flat.device) * max(flat.numel() - 1, 0) // max(count - 1, 1)
-    sample = flat[index].cpu().contiguous().numpy().tobytes()
-    return {"shape": list(t.shape), "dtype": str(t.dtype), "checksum": checksum,
-            "sample_sha256": hashlib.sha256(sample).hexdigest()}
 
 
 def cache_key(data: VisionData, arch: str, epochs: int, lr: float, batch_size: int, seed: int,

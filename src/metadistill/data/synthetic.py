@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import logistic_regression
-from ..train import Problem
+from ..problem import Problem
 
 TEACHER_FEATURES = [0, 1, 2]  # x1, x2, 1[x1 > 0 and x2 > 0]
 STUDENT_FEATURES = [0, 1, 3]  # x1, x2, sign(x1 * x2): the same for every method
