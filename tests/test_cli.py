@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from metadistill.cli import main
+from metadistill.config import METHODS
 
 FAST = ["--set", "epochs=40", "--set", "eval_every=20", "--set", "teacher_steps=2000", "--quiet"]
 
@@ -109,12 +110,14 @@ def test_reproduce_all_methods_and_report(tmp_path, capsys):
                  "--set", "hyperopt_trials=2", "--set", "window=4", "--set", "period=3"])
     assert code == 0
     table = capsys.readouterr().out
-    for method in ["no_distillation", "naive", "random", "gradient", "hyperopt", "proposed"]:
+    for method in METHODS:
         assert method in table
     csv_lines = (out / "results.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("dataset,method,runs,mean,sd,max") and len(csv_lines) == 7
-    hyper = [line for line in csv_lines if ",hyperopt," in line][0].split(",")
-    assert hyper[-1] == "3"  # 2 trials + 1 final training
+    assert csv_lines[0].startswith("dataset,method,runs,diverged,mean,sd,max") and len(csv_lines) == 1 + len(METHODS)
+    columns = csv_lines[0].split(",")
+    hyper = dict(zip(columns, [line for line in csv_lines if ",hyperopt," in line][0].split(",")))
+    assert hyper["full_trainings"] == "3"  # 2 trials + 1 final training
+    assert hyper["code"].startswith("0.1.0+") and hyper["diverged"] == "0"
     report = (out / "report.md").read_text()
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0

@@ -151,3 +151,11 @@ def test_ddp_refuses_other_hypergradient_methods(method):
     config = dataclasses.replace(CONFIGS["sgd"], hypergrad_method=method)
     with pytest.raises(ValueError, match="only hypergrad_method 'jvp'"):
         fit_ddp(_problem(), RecordingGradient(), config, SEED)
+
+
+def test_ddp_refuses_a_student_with_batchnorm():
+    """Each rank would normalise with its own shard's statistics: not one-process training, so refused."""
+    bn = dataclasses.replace(_problem(), make_student=lambda: nn.Sequential(
+        nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).double())
+    with pytest.raises(ValueError, match="refuses students with BatchNorm"):
+        fit_ddp(bn, RecordingGradient(), CONFIGS["sgd"], SEED)

@@ -335,6 +335,33 @@ def test_corrupt_cifar(tmp_path: Path, fake_splits: None, content: bytes, messag
     assert_message_explains(info.value, "cifar10")
 
 
+class _Crafted:
+    """What a crafted pickle does when loaded by a plain unpickler: run a command (here, create a file)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_a_crafted_cifar_pickle_runs_no_code(tmp_path: Path, fake_splits: None, protocol: int) -> None:
+    write_cifar(tmp_path)
+    marker = tmp_path / "marker"
+    payload = pickle.dumps({b"data": _Crafted(marker), b"labels": [0]}, protocol=protocol)
+    pickle.loads(payload)  # the file really is harmful to a plain unpickler
+    assert marker.exists()
+    marker.unlink()
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(payload)
+    with pytest.raises(DataError, match="refused global .*system") as info:
+        load_vision("cifar10", data_dir=tmp_path)
+    assert not marker.exists()
+    assert_message_explains(info.value, "cifar10")
+
+
 def test_cifar_missing_batch(tmp_path: Path, fake_splits: None) -> None:
     write_cifar(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()

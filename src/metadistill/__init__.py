@@ -9,7 +9,17 @@ from .problem import Problem
 from .results import DivergenceError, RunResult
 from .search import hyperopt_search, hyperopt_search_batched
 from .steps import TakenStep, take_step
-from .strategies import Fixed, Gradient, LinearTrajectory, MetaOptimizer, Random, Strategy, random_metaparameters
+from .strategies import (
+    Fixed,
+    Gradient,
+    Horizon,
+    LinearTrajectory,
+    MetaOptimizer,
+    Online,
+    Random,
+    Strategy,
+    random_metaparameters,
+)
 from .train import TrainConfig
 from .updates import UpdateMap
 
@@ -18,11 +28,13 @@ __version__ = PACKAGE_VERSION
 __all__ = [
     "HYPERGRADIENT_METHODS",
     "DivergenceError",
+    "Horizon",
     "Fixed",
     "Gradient",
     "LinearTrajectory",
     "MetaOptimizer",
     "Metaparameters",
+    "Online",
     "OnlineTangent",
     "Problem",
     "Random",

@@ -19,12 +19,13 @@ from .config import (
     setting_names,
 )
 from .data.vision import DataError
-from .experiment import EXECUTORS, load_vision_config, run_ddp, run_experiment, train_or_load_teacher
+from .experiment import EXECUTORS, GridDiverged, run_ddp, run_experiment
 from .plots import write_figures
 from .records import RecordError, check_writable, finished_runs
 from .report import summarize, text_table, write_report
 from .results import DivergenceError
 from .runtime import keep_freed_memory
+from .tasks import load_vision_config, train_or_load_teacher
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -58,6 +59,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, choices=DATASETS, help="experiment of the paper to run")
     parser.add_argument("--data-dir", help="folder with the official dataset files (Fashion-MNIST's four IDX files, "
@@ -79,6 +90,12 @@ def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=_positive_int,
                         help="number of runs per method; run r uses seed r for every method "
                              "(default: the preset's, 10; 2 with --quick)")
+    parser.add_argument("--first-seed", type=_non_negative_int, default=0,
+                        help="seed of the first run (default 0): runs use seeds FIRST .. FIRST + runs - 1; pilot "
+                             "runs that choose settings use seeds outside the reported ones (e.g. 100)")
+    parser.add_argument("--retry-diverged", action="store_true",
+                        help="train again the runs recorded as diverged (by default they are kept, listed, and the "
+                             "command exits 1)")
     parser.add_argument("--out", type=Path, default=Path("runs"),
                         help="records directory: DATASET/METHOD/run_SEED/ with config.json, history.jsonl, "
                              "result.json; report.md and results.csv at its top (default ./runs)")
@@ -160,27 +177,39 @@ def _teacher(args: argparse.Namespace) -> int:
 
 def _experiment(args: argparse.Namespace, methods: list[str]) -> int:
     config = _config(args, [f"epochs={args.epochs}"] if args.epochs is not None else [])
-    unused = [m for m in methods if m in ("no_distillation", "random", "hyperopt")]
-    if (config.lambda1 is not None or config.temperature is not None) and unused and not args.quiet:
-        print(f"note: lambda1/temperature do not apply to {', '.join(unused)}", file=sys.stderr)
+    if not args.quiet:
+        given = {item.partition("=")[0].strip().replace("-", "_") for item in args.overrides}
+        for method in methods:
+            unused = sorted(given & set(config.ignored(method)))
+            if unused:
+                print(f"note: {method} ignores {', '.join(unused)} (left out of its runs' identity)", file=sys.stderr)
     check_writable(args.out)
-    seeds = list(range(args.runs or preset(args.dataset, args.quick).get("runs", 10)))
+    runs = args.runs or preset(args.dataset, args.quick).get("runs", 10)
+    seeds = list(range(args.first_seed, args.first_seed + runs))
     if args.executor != "ray" and (args.ray_address or args.ray_num_cpus):
         raise ConfigError("--ray-address and --ray-num-cpus need --executor ray")
-    if getattr(args, "ddp", False):
-        if args.executor != "local":
-            raise ConfigError("--ddp runs under torchrun, not with --executor ray")
-        ddp_results = run_ddp(config, methods[0], seeds, args.out, quiet=args.quiet)
-        if ddp_results is None:  # not rank 0: rank 0 writes the records and the report
-            return 0
-        results = ddp_results
-    else:
-        results = run_experiment(config, methods, seeds, args.out, quiet=args.quiet, executor=args.executor,
-                                 ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus)
+    diverged: GridDiverged | None = None
+    try:
+        if getattr(args, "ddp", False):
+            if args.executor != "local":
+                raise ConfigError("--ddp runs under torchrun, not with --executor ray")
+            ddp_results = run_ddp(config, methods[0], seeds, args.out, quiet=args.quiet,
+                                  retry_diverged=args.retry_diverged)
+            if ddp_results is None:  # not rank 0: rank 0 writes the records and the report
+                return 0
+            results = ddp_results
+        else:
+            results = run_experiment(config, methods, seeds, args.out, quiet=args.quiet, executor=args.executor,
+                                     ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
+                                     retry_diverged=args.retry_diverged)
+    except GridDiverged as error:  # the other runs finished: report them, then exit 1 listing the diverged
+        results, diverged = error.results, error
     write_figures(args.out)
     write_report(args.out)
     print(text_table(summarize(config.dataset, results)))
     print(f"records, report.md, results.csv and figures/ in {args.out}")
+    if diverged is not None:
+        raise diverged
     return 0
 
 
@@ -211,7 +240,7 @@ def _plot(args: argparse.Namespace) -> int:
 def _require_records(directory: Path) -> None:
     if not directory.is_dir():
         raise RecordError(f"no records directory at {directory}")
-    if not finished_runs(directory):
+    if not finished_runs(directory, warn=lambda message: None):  # the report warns about skipped records
         raise RecordError(f"no finished runs under {directory}")
 
 

@@ -16,17 +16,30 @@ else:  # pragma: no cover
 
 import torch
 
+from .hypergrad import HESSIANS
 from .meta import LAMBDA1_BOUNDS, TEMPERATURE_BOUNDS, Metaparameters
 from .steps import HYPERGRADIENT_METHODS
-from .strategies import META_OPTIMIZERS, Fixed, Gradient, LinearTrajectory, MetaOptimizer, Random, Strategy
+from .strategies import (
+    META_OPTIMIZERS,
+    Fixed,
+    Gradient,
+    Horizon,
+    LinearTrajectory,
+    MetaOptimizer,
+    Online,
+    Random,
+    Strategy,
+)
 from .teacher_models import TEACHERS
 from .train import OPTIMIZERS, TrainConfig
+from .updates import ADAM_UPDATES
 
 DATASETS = ("synthetic", "fashion-mnist", "cifar10-reduced", "cifar10")
 # Settings that say where things are or how fast they run, not what is computed: a finished run is
 # reused whatever their values.
 NOT_IDENTITY = ("threads", "batch_runs", "data_dir", "download", "cache_dir")
-METHODS = ("no_distillation", "naive", "random", "gradient", "hyperopt", "proposed")
+METHODS = ("no_distillation", "naive", "random", "gradient", "hyperopt", "proposed", "online", "proposed_online")
+PAPER_METHODS = METHODS[:6]
 METHOD_HELP = {
     "no_distillation": "lambda1 = 1 (hard labels only)",
     "naive": "lambda1 = 0.5, T = 1, fixed (or --set lambda1=.. temperature=..)",
@@ -34,7 +47,25 @@ METHOD_HELP = {
     "gradient": "greedy hypergradient on lambda at every step",
     "hyperopt": "TPE over fixed lambda, hyperopt_trials trainings + 1 final",
     "proposed": "hypergradients in gradient windows, linear predictions in between",
+    "online": "long-horizon (online) hypergradient on lambda at every step (gamma, hessian)",
+    "proposed_online": "the proposed windows and predictions over the online hypergradient",
 }
+GRADIENT_METHODS = ("gradient", "proposed", "online", "proposed_online")
+# Settings that apply only to some methods (the others ignore them, and they are left out of those runs'
+# identity): setting -> the methods it applies to.
+METHOD_SETTINGS = {
+    **{name: GRADIENT_METHODS for name in ("meta_optimizer", "meta_lr", "meta_clip", "max_nonfinite_fraction")},
+    "lambda1": ("naive", *GRADIENT_METHODS),
+    "temperature": ("naive", *GRADIENT_METHODS),
+    "hypergrad_method": ("gradient", "proposed"),
+    "window": ("proposed", "proposed_online"),
+    "period": ("proposed", "proposed_online"),
+    "gamma": ("online", "proposed_online"),
+    "hessian": ("online", "proposed_online"),
+    "hyperopt_trials": ("hyperopt",),
+}
+SYNTHETIC_ONLY = ("teacher_steps",)
+IMAGE_ONLY = ("subset", "teacher_arch", "teacher_epochs", "teacher_batch_size")
 NAIVE = Metaparameters(0.5, 1.0)
 
 
@@ -65,6 +96,8 @@ class ExperimentConfig(TrainConfig):
     meta_clip: float = 0.01
     window: int = 10
     period: int = 2
+    gamma: float = 0.99  # online methods: Z decays by gamma before every step (0: the greedy hypergradient)
+    hessian: str = "exact"  # online methods: carry Z through each step's curvature ("exact") or not ("identity")
     hyperopt_trials: int = 5
     # data and teacher
     data_seed: int = 0  # synthetic data draw; seed of the teacher's training
@@ -90,6 +123,8 @@ class ExperimentConfig(TrainConfig):
             (math.isfinite(self.meta_lr) and self.meta_lr > 0, f"meta_lr must be > 0, got {self.meta_lr}"),
             (math.isfinite(self.meta_clip) and self.meta_clip >= 0, "meta_clip must be >= 0 (0: no clip)"),
             (self.window >= 2, f"window must be >= 2, got {self.window}"),
+            (math.isfinite(self.gamma) and 0 <= self.gamma <= 1, f"gamma must be in [0, 1], got {self.gamma}"),
+            (self.hessian in HESSIANS, f"hessian must be one of {', '.join(HESSIANS)}"),
             (self.period >= 1, f"period must be >= 1, got {self.period}"),
             (self.hyperopt_trials >= 1, f"hyperopt_trials must be >= 1, got {self.hyperopt_trials}"),
             (self.teacher_steps >= 1, "teacher_steps must be >= 1"),
@@ -124,6 +159,8 @@ class ExperimentConfig(TrainConfig):
 
     def strategy(self, method: str) -> Strategy:
         """The strategy of `method` (every method but hyperopt, which runs whole trainings)."""
+        init = (self.lambda1, self.temperature)
+        horizon = Horizon(self.gamma, self.hessian)
         if method == "no_distillation":
             return Fixed(NO_DISTILLATION, method)
         if method == "naive":
@@ -132,15 +169,29 @@ class ExperimentConfig(TrainConfig):
         if method == "random":
             return Random()
         if method == "gradient":
-            return Gradient(self.meta_optimizer_instance(), self.lambda1, self.temperature)
-        if method == "proposed":
-            return LinearTrajectory(self.window, self.period, self.meta_optimizer_instance(),
-                                    self.lambda1, self.temperature)
+            return Gradient(self.meta_optimizer_instance(), *init)
+        if method == "online":
+            return Online(self.meta_optimizer_instance(), *init, horizon)
+        if method in ("proposed", "proposed_online"):
+            return LinearTrajectory(self.window, self.period, self.meta_optimizer_instance(), *init,
+                                    horizon if method == "proposed_online" else None, method)
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
+    def ignored(self, method: str) -> list[str]:
+        """The settings `method` does not use on this dataset (they are left out of its runs' identity)."""
+        names = [name for name, methods in METHOD_SETTINGS.items() if method not in methods]
+        names += IMAGE_ONLY if self.dataset == "synthetic" else SYNTHETIC_ONLY
+        if self.optimizer != "sgd":
+            names.append("momentum")
+        if self.optimizer != "adam" or method not in GRADIENT_METHODS:
+            names.append("adam_update")
+        if self.meta_optimizer != "sgd" and "meta_clip" not in names:
+            names.append("meta_clip")
+        return names
 
-_CHOICES = {"optimizer": OPTIMIZERS, "meta_optimizer": META_OPTIMIZERS,
-            "hypergrad_method": HYPERGRADIENT_METHODS, "dataset": DATASETS}
+
+_CHOICES = {"optimizer": OPTIMIZERS, "meta_optimizer": META_OPTIMIZERS, "hessian": HESSIANS,
+            "hypergrad_method": HYPERGRADIENT_METHODS, "dataset": DATASETS, "adam_update": ADAM_UPDATES}
 
 
 def _parse(name: str, kind: Any, text: str) -> Any:

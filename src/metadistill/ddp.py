@@ -151,11 +151,11 @@ def fit_ddp(
                          "(DistributedDataParallel cannot double-backward)")
     if getattr(strategy, "horizon", None) is not None:
         raise ValueError("fit_ddp computes the greedy hypergradient only, not the online one")
-    if not dist.is_initialized():
-        raise RuntimeError("fit_ddp needs an initialised torch.distributed process group (see init_from_env)")
     if _has_batchnorm(problem.make_student()):
         raise ValueError("fit_ddp refuses students with BatchNorm layers: each rank would normalise with its own "
                          "shard's statistics, which differs from one-process training (train them without --ddp)")
+    if not dist.is_initialized():
+        raise RuntimeError("fit_ddp needs an initialised torch.distributed process group (see init_from_env)")
     device = torch.device(config.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

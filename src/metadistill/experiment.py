@@ -1,222 +1,166 @@
-"""Runs of (dataset, method, seed) into run directories, skipping finished ones; the in-process executor."""
+"""An experiment grid: the runs of (dataset, method, seed) into run directories, skipping recorded ones; the
+in-process executor, the Ray executor's driver side, and torchrun's data-parallel runs."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from .config import METHODS, NOT_IDENTITY, ConfigError, ExperimentConfig
-from .data.vision import VisionData, load_vision
-from .engine import Outcome, batchable, fit_batched
-from .models import STUDENTS
+from .config import METHODS, ConfigError, ExperimentConfig
+from .engine import Outcome, batchable
 from .problem import Problem
-from .records import load_finished, run_dir, save_run
+from .records import load_record, run_dir, save_diverged, save_run
 from .results import DivergenceError, RunResult
-from .search import hyperopt_search_batched
-from .teacher import TeacherResult, get_teacher
+from .tasks import Task, context_of, load_problem, load_vision_config, run_identity, run_task
 
 EXECUTORS = ("local", "ray")
 
 
-def load_problem(config: ExperimentConfig, progress: bool = True) -> tuple[Problem, dict[str, Any]]:
-    """The dataset's Problem and facts about it (teacher accuracy) for the records."""
-    if config.dataset == "synthetic":
-        from .data.synthetic import synthetic_problem
+@dataclass
+class Grid:
+    """The (method, seed) runs of one experiment and what is recorded of them under `out`."""
 
-        problem, teacher_acc = synthetic_problem(config.data_seed, config.teacher_steps, config.teacher_lr)
-        return problem, {"teacher_test_acc": teacher_acc}
-    data = load_vision_config(config)
-    teacher = train_or_load_teacher(config, data, progress)
-    problem = Problem(data.x_train, data.y_train, teacher.train_logits, data.x_val, data.y_val, data.x_test,
-                      data.y_test, make_student=STUDENTS[config.dataset.removesuffix("-reduced")])
-    return problem, {"teacher_test_acc": teacher.test_acc, "teacher_arch": teacher.arch}
+    config: ExperimentConfig
+    out: Path
+    context: dict[str, Any]
+    pending: dict[str, list[int]] = field(default_factory=dict)
+    finished: dict[str, dict[int, dict]] = field(default_factory=dict)
+    diverged: list[str] = field(default_factory=list)  # one line per run that diverged (earlier or now)
 
+    def scan(self, methods: list[str], seeds: list[int], retry_diverged: bool) -> Grid:
+        """Sort every run into finished, diverged (not retrained unless `retry_diverged`) and pending."""
+        for method in methods:
+            if method not in METHODS:
+                raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        for method in methods:
+            for seed in seeds:
+                record = load_record(self.directory(method, seed), self.identity(method, seed))
+                if record is not None and record[0] == "finished":
+                    self.finished.setdefault(method, {})[seed] = record[1]
+                elif record is not None and not retry_diverged:
+                    self.diverged.append(f"{method} run {seed} (recorded earlier; --retry-diverged retrains it): "
+                                         f"{record[1]['message']}")
+                else:
+                    self.pending.setdefault(method, []).append(seed)
+        return self
 
-def load_vision_config(config: ExperimentConfig) -> VisionData:
-    """The image dataset of `config`, cut to `subset` when set."""
-    data = load_vision(config.dataset, config.data_dir or None, config.download)
-    if config.subset:
-        sizes = {"train": config.subset, "val": max(config.subset // 4, 1), "test": max(config.subset // 2, 1)}
-        data = VisionData(data.name, data.x_train[:sizes["train"]], data.y_train[:sizes["train"]],
-                          data.x_val[:sizes["val"]], data.y_val[:sizes["val"]],
-                          data.x_test[:sizes["test"]], data.y_test[:sizes["test"]], data.classes)
-    return data
+    def identity(self, method: str, seed: int) -> dict[str, Any]:
+        return run_identity(self.config, method, seed, self.context)
 
+    def directory(self, method: str, seed: int) -> Path:
+        return run_dir(self.out, self.config.dataset, method, seed)
 
-def cache_dir(config: ExperimentConfig) -> Path:
-    return Path(config.cache_dir or os.environ.get("METADISTILL_CACHE") or Path.home() / ".cache" / "metadistill")
+    def tasks(self, batch_size: int) -> list[Task]:
+        """The pending runs of each method, `batch_size` to a task."""
+        return [Task(method, seeds[i:i + batch_size]) for method, seeds in self.pending.items()
+                for i in range(0, len(seeds), batch_size)]
 
+    def finish(self, task: Task, outcomes: list[Outcome], facts: dict[str, Any], quiet: bool,
+               log: Callable[[str], None]) -> None:
+        """Record the task's runs, finished or diverged (by this process only), and drop its checkpoints."""
+        for seed, outcome in zip(task.seeds, outcomes):
+            directory, identity = self.directory(task.method, seed), self.identity(task.method, seed)
+            if isinstance(outcome, DivergenceError):
+                self.diverged.append(f"{task.method} run {seed}: {outcome}")
+                save_diverged(directory, identity, {"method": task.method, "seed": seed, "message": str(outcome),
+                                                    "step": outcome.step, "lam": outcome.lam,
+                                                    "wall_s": outcome.wall_s})
+                continue
+            result: RunResult = outcome
+            result.extra = {**facts, **result.extra}
+            result.extra.setdefault("torch", torch.__version__)
+            result.extra.setdefault("threads", torch.get_num_threads())
+            result.extra["code"] = self.context["code"]
+            self.finished.setdefault(task.method, {})[seed] = save_run(directory, identity, result)
+            if not quiet:
+                ranks = f" on {result.extra['world_size']} ranks" if "world_size" in result.extra else ""
+                log(f"{self.config.dataset} {task.method} run {seed}{ranks}: test acc {result.final_test_acc:.4f}, "
+                    f"lambda1 {result.final_lambda1:.3f}, T {result.final_temperature:.3f}, {result.wall_s:.1f} s")
+        shutil.rmtree(task.checkpoint_dir(self.out, self.config.dataset), ignore_errors=True)
 
-def train_or_load_teacher(config: ExperimentConfig, data: VisionData, progress: bool = True) -> TeacherResult:
-    """The dataset's teacher from the cache, trained first if the cache has none for this exact setup."""
-    return get_teacher(data, config.teacher_arch, cache_dir(config) / "teachers", epochs=config.teacher_epochs,
-                       lr=config.teacher_lr, batch_size=config.teacher_batch_size, seed=config.data_seed,
-                       device=config.device, progress=progress)
-
-
-def run_identity(config: ExperimentConfig, method: str, seed: int) -> dict[str, Any]:
-    """What a run's result depends on; a finished run is reused only when this matches exactly."""
-    identity = {**dataclasses.asdict(config), "method": method, "seed": seed}
-    for key in NOT_IDENTITY:
-        identity.pop(key)
-    return identity
-
-
-def run_batch(config: ExperimentConfig, problem: Problem, method: str, seeds: list[int], checkpoint_dir: Path,
-              progress: Callable[[int, int], None] | None = None) -> list[Outcome]:
-    """The runs `seeds` of `method` trained together (see engine.train_runs), checkpointing into
-    `checkpoint_dir` so that an interrupted batch resumes."""
-    train_config = config.train_config()
-    identity = [run_identity(config, method, seed) for seed in seeds]
-    if method == "hyperopt":
-        return hyperopt_search_batched(problem, train_config, seeds, config.hyperopt_trials, progress,
-                                       checkpoint_dir, identity)
-    return fit_batched(problem, [config.strategy(method) for _ in seeds], train_config, seeds, progress,
-                       checkpoint_dir / "train.ckpt", identity)
-
-
-@dataclasses.dataclass
-class Task:
-    """One unit of work: the pending runs `seeds` of `method`, trained together (one at a time if alone)."""
-
-    method: str
-    seeds: list[int]
-
-    @property
-    def label(self) -> str:
-        return f"run {self.seeds[0]}" if len(self.seeds) == 1 else f"runs {self.seeds[0]}-{self.seeds[-1]}"
-
-    def checkpoint_dir(self, out: Path, dataset: str) -> Path:
-        """Where a batch of runs keeps its checkpoints while it trains."""
-        return Path(out) / dataset / self.method / f".batch_{self.seeds[0]:03d}-{self.seeds[-1]:03d}"
+    def results(self, methods: list[str]) -> dict[str, list[dict]]:
+        """{method: [result, ...]} of the finished runs; raises GridDiverged (with them) when any run diverged."""
+        results = {method: [by_seed[seed] for seed in sorted(by_seed)] for method in methods
+                   if (by_seed := self.finished.get(method))}
+        if self.diverged:
+            raise GridDiverged("; ".join(self.diverged), results)
+        return results
 
 
-def run_task(config: ExperimentConfig, problem: Problem, task: Task, out: Path,
-             progress: Callable[[int, int], None] | None = None) -> list[Outcome]:
-    """Train the task's runs (checkpointing under `out`); outcome per seed: RunResult or DivergenceError."""
-    return run_batch(config, problem, task.method, task.seeds, task.checkpoint_dir(out, config.dataset), progress)
+class GridDiverged(DivergenceError):
+    """Some runs of a grid diverged; every other run finished and is recorded (`results`)."""
+
+    def __init__(self, message: str, results: dict[str, list[dict]]) -> None:
+        super().__init__(message)
+        self.results = results
 
 
-def finish_task(config: ExperimentConfig, task: Task, outcomes: list[Outcome], facts: dict[str, Any], out: Path,
-                quiet: bool, log: Callable[[str], None]) -> tuple[dict[int, dict], list[str]]:
-    """Save the task's finished runs (records written by this process only) and drop its checkpoints;
-    returns ({seed: record}, divergence messages)."""
-    saved, errors = {}, []
-    for seed, outcome in zip(task.seeds, outcomes):
-        if isinstance(outcome, DivergenceError):
-            errors.append(f"{task.method} run {seed}: {outcome}")
-            continue
-        result: RunResult = outcome
-        result.extra = {**facts, **result.extra}
-        result.extra.setdefault("torch", torch.__version__)
-        result.extra.setdefault("threads", torch.get_num_threads())
-        identity = run_identity(config, task.method, seed)
-        saved[seed] = save_run(run_dir(out, config.dataset, task.method, seed), identity, result)
-        if not quiet:
-            ranks = f" on {result.extra['world_size']} ranks" if "world_size" in result.extra else ""
-            log(f"{config.dataset} {task.method} run {seed}{ranks}: test acc {result.final_test_acc:.4f}, "
-                f"lambda1 {result.final_lambda1:.3f}, T {result.final_temperature:.3f}, {result.wall_s:.1f} s")
-    shutil.rmtree(task.checkpoint_dir(out, config.dataset), ignore_errors=True)
-    return saved, errors
-
-
-def pending_runs(config: ExperimentConfig, methods: list[str], seeds: list[int], out: Path
-                 ) -> tuple[dict[str, list[int]], dict[str, dict[int, dict]]]:
-    """The seeds still to run per method (finished runs are skipped) and the finished runs' records."""
-    for method in methods:
-        if method not in METHODS:
-            raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    pending: dict[str, list[int]] = {}
-    finished: dict[str, dict[int, dict]] = {}
-    for method in methods:
-        for seed in seeds:
-            record = load_finished(run_dir(out, config.dataset, method, seed), run_identity(config, method, seed))
-            if record is None:
-                pending.setdefault(method, []).append(seed)
-            else:
-                finished.setdefault(method, {})[seed] = record
-    return pending, finished
-
-
-def group_tasks(pending: dict[str, list[int]], batch_size: int) -> list[Task]:
-    """The pending runs of each method, `batch_size` to a task."""
-    return [Task(method, seeds[i:i + batch_size]) for method, seeds in pending.items()
-            for i in range(0, len(seeds), batch_size)]
-
-
-def batch_size_for(config: ExperimentConfig, problem: Problem) -> int:
-    """config.batch_runs where the student can be stacked, else 1."""
-    return config.batch_runs if batchable(problem, config.train_config()) else 1
+def _local_progress(config: ExperimentConfig, task: Task, quiet: bool) -> tqdm:
+    return tqdm(total=0, desc=f"{config.dataset} {task.method} {task.label}", unit="step", disable=quiet,
+                leave=False, dynamic_ncols=True, mininterval=0.5)
 
 
 def run_experiment(config: ExperimentConfig, methods: list[str], seeds: list[int], out: Path,
                    quiet: bool = False, log: Callable[[str], None] = print, executor: str = "local",
-                   ray_address: str | None = None, ray_num_cpus: int | None = None) -> dict[str, list[dict]]:
-    """Run every (method, seed) not yet finished under `out`; returns {method: [result, ...]} for all of them.
+                   ray_address: str | None = None, ray_num_cpus: int | None = None,
+                   retry_diverged: bool = False) -> dict[str, list[dict]]:
+    """Run every (method, seed) not yet recorded under `out`; returns {method: [result, ...]} for all of them.
 
     The pending runs of a method train `config.batch_runs` at a time as one stacked computation where the
     student allows it (else one at a time); each such task runs in this process (executor "local") or as
     a Ray task (executor "ray", see ray_executor). Each run's records are written as soon as its task
     finishes and a batch in progress checkpoints every epoch, so an interrupted experiment resumes where
-    it stopped when the same command is run again. A run that diverges raises DivergenceError after the
-    other runs are saved.
+    it stopped when the same command is run again. A run that diverges is recorded as diverged and the
+    grid goes on; at the end, DivergenceError lists every diverged run (a rerun does not retrain them
+    unless `retry_diverged`).
     """
     if executor not in EXECUTORS:
         raise ConfigError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     if config.threads:
         torch.set_num_threads(config.threads)
-    pending, results = pending_runs(config, methods, seeds, out)
-    problem: Problem | None = None
-    facts: dict[str, Any] = {}
-    tasks: list[Task] = []
-    if pending:
-        # Loaded here even for Ray: an image dataset's teacher is then trained once, into the cache the
-        # tasks read it from.
-        problem, facts = load_problem(config, progress=not quiet)
-        tasks = group_tasks(pending, batch_size_for(config, problem))
-    errors: list[str] = []
+    data = None if config.dataset == "synthetic" else load_vision_config(config)
+    grid = Grid(config, out, context_of(config, data)).scan(methods, seeds, retry_diverged)
+    if not grid.pending:
+        return grid.results(methods)
+    # Loaded here even for Ray: an image dataset's teacher is then trained once, into the cache the tasks
+    # read it from.
+    problem, facts = load_problem(config, progress=not quiet, data=data)
+    tasks = grid.tasks(config.batch_runs if batchable(problem, config.train_config()) else 1)
     if executor == "ray":
         from .ray_executor import run_on_ray
 
         for task, outcomes in run_on_ray(config, tasks, out, ray_address, ray_num_cpus, quiet, log):
-            saved, failed = finish_task(config, task, outcomes, facts, out, quiet, log)
-            results.setdefault(task.method, {}).update(saved)
-            errors += failed
-    else:
-        for task in tasks:
-            assert problem is not None
-            with tqdm(total=0, desc=f"{config.dataset} {task.method} {task.label}", unit="step", disable=quiet,
-                      leave=False, dynamic_ncols=True, mininterval=0.5) as bar:
-                def progress(done: int, total: int, bar: tqdm = bar) -> None:
-                    bar.total = total
-                    bar.update(done - bar.n)
+            grid.finish(task, outcomes, facts, quiet, log)
+        return grid.results(methods)
+    for task in tasks:
+        with _local_progress(config, task, quiet) as bar:
+            def progress(done: int, total: int, bar: tqdm = bar) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
 
-                outcomes = run_task(config, problem, task, out, progress)
-            saved, failed = finish_task(config, task, outcomes, facts, out, quiet, log)
-            results.setdefault(task.method, {}).update(saved)
-            if failed:
-                raise DivergenceError("; ".join(failed))
-    if errors:
-        raise DivergenceError("; ".join(errors))
-    return {method: [by_seed[seed] for seed in sorted(by_seed)] for method in methods
-            if (by_seed := results.get(method))}
+            outcomes = run_task(config, problem, task, out, grid.context, progress)
+        grid.finish(task, outcomes, facts, quiet, log)
+    return grid.results(methods)
 
 
 def run_ddp(config: ExperimentConfig, method: str, seeds: list[int], out: Path, quiet: bool = False,
-            log: Callable[[str], None] = print) -> dict[str, list[dict]] | None:
+            log: Callable[[str], None] = print, retry_diverged: bool = False) -> dict[str, list[dict]] | None:
     """The runs of `method`, each one student trained data-parallel by every rank of a torchrun launch
-    (see ddp.fit_ddp). Rank 0 writes the records and gets {method: [result, ...]}; other ranks get None."""
+    (see ddp.fit_ddp). Rank 0 writes the records and gets {method: [result, ...]}; other ranks get None.
+    The world size is part of the runs' identity."""
     if method == "hyperopt":
         raise ConfigError("--ddp trains one student with a metaparameter strategy; hyperopt is not supported")
     if config.hypergrad_method != "jvp":
         raise ConfigError("--ddp computes hypergradients by the jvp method only (DDP cannot double-backward)")
+    if method in ("online", "proposed_online"):
+        raise ConfigError("--ddp computes the greedy hypergradient only; run the online methods without --ddp")
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise ConfigError("--ddp runs under torchrun, e.g. torchrun --nproc-per-node 2 -m metadistill.cli run "
                           "--dataset D --method M --ddp")
@@ -226,21 +170,26 @@ def run_ddp(config: ExperimentConfig, method: str, seeds: list[int], out: Path, 
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    rank, _ = init_from_env(config.device)
-    pending, finished = pending_runs(config, [method], seeds, out)
-    results: dict[int, dict] = finished.get(method, {})
+    rank, world = init_from_env(config.device)
+    data = None if config.dataset == "synthetic" else load_vision_config(config)
+    grid = Grid(config, out, {**context_of(config, data), "world_size": world}).scan([method], seeds, retry_diverged)
     loaded: tuple[Problem, dict[str, Any]] | None = None
-    for seed in pending.get(method, []):
+    for seed in grid.pending.get(method, []):
         if loaded is None:
             if rank != 0:
                 dist.barrier()  # rank 0 trains the teacher into the cache first
-            loaded = load_problem(config, progress=not quiet and rank == 0)
+            loaded = load_problem(config, progress=not quiet and rank == 0, data=data)
             if rank == 0:
                 dist.barrier()
         problem, facts = loaded
-        result = fit_ddp(problem, config.strategy(method), config.train_config(), seed)
+        try:
+            outcome: Outcome = fit_ddp(problem, config.strategy(method), config.train_config(), seed)
+        except (DivergenceError, ValueError) as error:
+            if isinstance(error, ValueError):
+                raise ConfigError(str(error)) from None
+            outcome = error
         if rank == 0:
-            saved, _ = finish_task(config, Task(method, [seed]), [result], facts, out, quiet, log)
-            results.update(saved)
+            grid.finish(Task(method, [seed]), [outcome], facts, quiet, log)
         dist.barrier()
-    return {method: [results[seed] for seed in sorted(results)]} if rank == 0 else None
+    return grid.results([method]) if rank == 0 else None
+

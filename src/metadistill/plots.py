@@ -18,9 +18,10 @@ from .records import CONFIG, finished_runs, load_history  # noqa: E402
 # A step with a jvp hypergradient costs about 2.5 plain steps (bench/hypergrad_cost.py), so one
 # hypergradient evaluation is counted as 1.5 plain-step equivalents on top of its step.
 HYPERGRADIENT_COST = 1.5
-COLORS = dict(zip(METHODS, ["#7f7f7f", "#bcbd22", "#17becf", "#d62728", "#9467bd", "#1f77b4"], strict=True))
+COLORS = dict(zip(METHODS, ["#7f7f7f", "#bcbd22", "#17becf", "#d62728", "#9467bd", "#1f77b4", "#2ca02c",
+                            "#ff7f0e"], strict=True))
 LABELS = {"no_distillation": "no distillation", "naive": "naive", "random": "random", "gradient": "gradient",
-          "hyperopt": "hyperopt", "proposed": "proposed"}
+          "hyperopt": "hyperopt", "proposed": "proposed", "online": "online", "proposed_online": "proposed online"}
 
 
 def _runs(n: int) -> str:
@@ -59,7 +60,7 @@ def _band(ax, x, values, color, label, log=False, bounds=None):
 def trajectories(dataset: str, by_method: dict[str, list[dict]], path: Path) -> Path | None:
     """lambda1 and T against step for gradient and proposed: every run (thin), mean +- sd (band); a zoom
     on run 0's first cycles shows the proposed method's hypergradient steps and predicted windows."""
-    methods = [m for m in ("gradient", "proposed") if m in by_method]
+    methods = [m for m in ("gradient", "proposed", "online", "proposed_online") if m in by_method]
     if not methods:
         return None
     histories = {m: [load_history(Path(r["dir"])) for r in by_method[m]] for m in methods}
@@ -160,7 +161,7 @@ def write_figures(out: Path) -> dict[str, list[Path]]:
     folder = out / "figures"
     folder.mkdir(parents=True, exist_ok=True)
     made: dict[str, list[Path]] = {}
-    for dataset, by_method in sorted(finished_runs(out).items()):
+    for dataset, by_method in sorted(finished_runs(out, warn=lambda message: None).items()):  # report warns
         paths = [trajectories(dataset, by_method, folder / f"{dataset}_trajectories.png"),
                  accuracy_curves(dataset, by_method, folder / f"{dataset}_accuracy.png"),
                  accuracy_vs_cost(dataset, by_method, folder / f"{dataset}_cost.png")]

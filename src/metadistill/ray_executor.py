@@ -15,21 +15,22 @@ from pathlib import Path
 
 from .config import ConfigError, ExperimentConfig
 from .engine import Outcome
+from .tasks import Task, context_of, load_problem, load_vision_config, run_task
 
 
 def _task(config_values: dict, method: str, seeds: list[int], out: str) -> list[Outcome]:
     """Runs on a Ray worker: load the problem (data, cached teacher) and train the task's runs."""
     import torch
 
-    from .experiment import Task, load_problem, run_task
     from .runtime import keep_freed_memory
 
     keep_freed_memory()
     config = ExperimentConfig(**config_values)
     if config.threads:
         torch.set_num_threads(config.threads)
-    problem, _ = load_problem(config, progress=False)
-    outcomes = run_task(config, problem, Task(method, seeds), Path(out))
+    data = None if config.dataset == "synthetic" else load_vision_config(config)
+    problem, _ = load_problem(config, progress=False, data=data)
+    outcomes = run_task(config, problem, Task(method, seeds), Path(out), context_of(config, data))
     for outcome in outcomes:
         if not isinstance(outcome, Exception):
             outcome.extra.update(torch=torch.__version__, threads=torch.get_num_threads(), executor="ray")

@@ -1,8 +1,11 @@
-"""Run directories: config.json, history.jsonl, result.json, written atomically; finished runs are skipped."""
+"""Run directories: config.json, history.jsonl, result.json (or diverged.json), written atomically; recorded runs
+are skipped."""
 
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,7 @@ from .results import RunResult
 RESULT = "result.json"
 CONFIG = "config.json"
 HISTORY = "history.jsonl"
+DIVERGED = "diverged.json"
 
 
 class RecordError(RuntimeError):
@@ -32,38 +36,58 @@ def check_writable(out: Path) -> None:
         raise RecordError(f"cannot write records to {out}: {error.strerror or error}") from None
 
 
-def load_finished(directory: Path, config: dict[str, Any]) -> dict | None:
-    """The saved result of a finished run with the same config, None if the run is not finished.
-
-    A finished run made with other settings is an error: mixing them would make a table lie.
-    """
-    result_path = directory / RESULT
-    if not result_path.exists():
-        return None
+def _check_identity(directory: Path, identity: dict[str, Any]) -> None:
+    """A record made with other settings (or other code, or another teacher) is an error: mixing would make a
+    table lie."""
     try:
-        saved_config = json.loads((directory / CONFIG).read_text())
-        result = json.loads(result_path.read_text())
+        saved = json.loads((directory / CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise RecordError(f"unreadable record in {directory}: {error}; delete that run directory to redo it") from None
-    if saved_config != config:
-        changed = sorted(k for k in set(saved_config) | set(config) if saved_config.get(k) != config.get(k))
+    if saved != identity:
+        changed = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
         raise RecordError(f"{directory} holds a run made with other settings ({', '.join(changed)} differ); "
                           "use another --out or the same settings")
-    return result
 
 
-def save_run(directory: Path, config: dict[str, Any], result: RunResult) -> dict:
-    """config.json, then history.jsonl (one line per step), then result.json, which marks the run finished.
+def load_record(directory: Path, identity: dict[str, Any]) -> tuple[str, dict] | None:
+    """("finished", what result.json holds) or ("diverged", what diverged.json holds) for a run of this
+    identity recorded in `directory`; None when nothing is recorded there yet."""
+    for status, name in (("finished", RESULT), ("diverged", DIVERGED)):
+        path = directory / name
+        if path.exists():
+            _check_identity(directory, identity)
+            try:
+                return status, json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as error:
+                raise RecordError(f"unreadable record {path}: {error}; delete that run directory to redo it") from None
+    return None
 
-    Returns what result.json holds, as `load_finished` would read it back."""
-    write_atomic(directory / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+def load_finished(directory: Path, identity: dict[str, Any]) -> dict | None:
+    """The saved result of a finished run with the same identity, None if the run is not finished."""
+    record = load_record(directory, identity)
+    return record[1] if record is not None and record[0] == "finished" else None
+
+
+def save_run(directory: Path, identity: dict[str, Any], result: RunResult) -> dict:
+    """config.json, then history.jsonl (one line per step), then result.json, which marks the run finished
+    (a diverged.json left by an earlier attempt is removed). Returns what result.json holds."""
+    write_atomic(directory / CONFIG, json.dumps(identity, indent=2, sort_keys=True) + "\n")
     columns = result.history
     steps = len(columns.get("lambda1", []))
     lines = (json.dumps({"step": i, **{name: values[i] for name, values in columns.items()}}) for i in range(steps))
     write_atomic(directory / HISTORY, "".join(line + "\n" for line in lines))
     record = result.record()
     write_atomic(directory / RESULT, json.dumps(record, indent=2) + "\n")
+    (directory / DIVERGED).unlink(missing_ok=True)
     return record
+
+
+def save_diverged(directory: Path, identity: dict[str, Any], info: dict[str, Any]) -> dict:
+    """config.json, then diverged.json: the run stopped (its message, step, metaparameters, wall time)."""
+    write_atomic(directory / CONFIG, json.dumps(identity, indent=2, sort_keys=True) + "\n")
+    write_atomic(directory / DIVERGED, json.dumps(info, indent=2) + "\n")
+    return info
 
 
 def load_history(directory: Path) -> list[dict]:
@@ -71,12 +95,38 @@ def load_history(directory: Path) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def finished_runs(out: Path) -> dict[str, dict[str, list[dict]]]:
-    """{dataset: {method: [result, ...]}} for every finished run under `out`, ordered by seed."""
+def _warn(message: str) -> None:
+    print(f"metadistill: warning: {message}", file=sys.stderr)
+
+
+REQUIRED = ("method", "seed", "final_test_acc", "wall_s", "steps", "hypergrad_evals", "full_trainings")
+
+
+def _read_records(out: Path, name: str, required: tuple[str, ...], warn: Callable[[str], None]
+                  ) -> dict[str, dict[str, list[dict]]]:
     found: dict[str, dict[str, list[dict]]] = {}
-    for result_path in sorted(Path(out).glob(f"*/*/run_*/{RESULT}")):
-        dataset, method = result_path.parts[-4], result_path.parts[-3]
-        result = json.loads(result_path.read_text())
-        result["dir"] = str(result_path.parent)
-        found.setdefault(dataset, {}).setdefault(method, []).append(result)
+    for path in sorted(Path(out).glob(f"*/*/run_*/{name}")):
+        dataset, method = path.parts[-4], path.parts[-3]
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            warn(f"skipping {path}: unreadable ({type(error).__name__}: {error})")
+            continue
+        missing = [key for key in required if not (isinstance(record, dict) and key in record)]
+        if missing:
+            warn(f"skipping {path}: not a metadistill record (no {', '.join(missing)})")
+            continue
+        record["dir"] = str(path.parent)
+        found.setdefault(dataset, {}).setdefault(method, []).append(record)
     return found
+
+
+def finished_runs(out: Path, warn: Callable[[str], None] = _warn) -> dict[str, dict[str, list[dict]]]:
+    """{dataset: {method: [result, ...]}} for every finished run under `out`, ordered by seed; a torn or
+    foreign result.json is skipped with a warning that names the file."""
+    return _read_records(out, RESULT, REQUIRED, warn)
+
+
+def diverged_runs(out: Path, warn: Callable[[str], None] = _warn) -> dict[str, dict[str, list[dict]]]:
+    """{dataset: {method: [diverged.json, ...]}} for every run recorded as diverged under `out`."""
+    return _read_records(out, DIVERGED, ("message", "seed"), warn)

@@ -11,7 +11,7 @@ import numpy as np
 
 from .config import method_order
 from .files import write_atomic
-from .records import finished_runs
+from .records import diverged_runs, finished_runs
 
 # The paper's table: test accuracy "mean (max)" over 10 runs.
 PAPER = {
@@ -24,12 +24,14 @@ PAPER = {
     "cifar10": {"no_distillation": "0.65 (0.66)", "naive": "0.66 (0.67)", "random": "0.64 (0.67)",
                 "gradient": "0.70 (0.72)", "hyperopt": "-", "proposed": "0.70 (0.72)"},
 }
-COLUMNS = ["method", "runs", "mean", "sd", "max", "paper", "wall_s", "method_wall_s", "steps", "hypergrad_evals",
-           "full_trainings"]
+COLUMNS = ["method", "runs", "diverged", "mean", "sd", "max", "paper", "wall_s", "method_wall_s", "steps",
+           "hypergrad_evals", "nonfinite_hypergrads", "full_trainings", "code"]
 
 
-def summarize(dataset: str, by_method: dict[str, list[dict]]) -> list[dict]:
-    """One row per method: test accuracy over runs (mean, sample sd, max) and mean cost per run."""
+def summarize(dataset: str, by_method: dict[str, list[dict]], diverged: dict[str, list[dict]] | None = None
+              ) -> list[dict]:
+    """One row per method: test accuracy over its finished runs (mean, sample sd, max), the number of runs that
+    diverged, mean cost per run and the code version(s) that produced the row."""
     rows = []
     for method in sorted(by_method, key=method_order):
         runs = by_method[method]
@@ -37,6 +39,7 @@ def summarize(dataset: str, by_method: dict[str, list[dict]]) -> list[dict]:
         rows.append({
             "method": method,
             "runs": len(runs),
+            "diverged": len((diverged or {}).get(method, [])),
             "mean": float(acc.mean()),
             "sd": float(acc.std(ddof=1)) if len(acc) > 1 else float("nan"),
             "max": float(acc.max()),
@@ -46,7 +49,9 @@ def summarize(dataset: str, by_method: dict[str, list[dict]]) -> list[dict]:
             "method_wall_s": float(np.sum([r["wall_s"] for r in runs])),
             "steps": float(np.mean([r["steps"] for r in runs])),
             "hypergrad_evals": float(np.mean([r["hypergrad_evals"] for r in runs])),
+            "nonfinite_hypergrads": float(np.mean([r.get("nonfinite_hypergrads", 0) for r in runs])),
             "full_trainings": float(np.mean([r["full_trainings"] for r in runs])),
+            "code": " ".join(sorted({r.get("extra", {}).get("code", "-") for r in runs})),
             "seeds": [r["seed"] for r in runs],
         })
     return rows
@@ -61,24 +66,25 @@ def _fmt(value: object, digits: int = 3) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    header = ["method", "runs", "test acc mean (max)", "sd", "paper mean (max)", "wall s / run",
-              "wall s, all runs", "student steps / run", "hypergradients / run", "full trainings / run"]
+    header = ["method", "runs", "diverged", "test acc mean (max)", "sd", "paper mean (max)", "wall s / run",
+              "wall s, all runs", "student steps / run", "hypergradients / run", "non-finite hypergradients / run",
+              "full trainings / run", "code version"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         lines.append("| " + " | ".join([
-            row["method"], str(row["runs"]), f"{row['mean']:.3f} ({row['max']:.3f})", _fmt(row["sd"]),
-            row["paper"], _fmt(row["wall_s"], 1), _fmt(row["method_wall_s"], 1), _fmt(row["steps"], 0),
-            _fmt(row["hypergrad_evals"], 0),
-            _fmt(row["full_trainings"], 0)]) + " |")
+            row["method"], str(row["runs"]), str(row["diverged"]), f"{row['mean']:.3f} ({row['max']:.3f})",
+            _fmt(row["sd"]), row["paper"], _fmt(row["wall_s"], 1), _fmt(row["method_wall_s"], 1),
+            _fmt(row["steps"], 0), _fmt(row["hypergrad_evals"], 0), _fmt(row["nonfinite_hypergrads"], 1),
+            _fmt(row["full_trainings"], 0), row["code"]]) + " |")
     return "\n".join(lines)
 
 
 def text_table(rows: list[dict]) -> str:
     """The table for a terminal: fixed-width columns."""
-    header = ["method", "runs", "mean", "sd", "max", "paper", "wall s", "steps", "hypergrads", "trainings"]
-    body = [[r["method"], str(r["runs"]), _fmt(r["mean"]), _fmt(r["sd"]), _fmt(r["max"]), r["paper"],
-             _fmt(r["wall_s"], 1), _fmt(r["steps"], 0), _fmt(r["hypergrad_evals"], 0), _fmt(r["full_trainings"], 0)]
-            for r in rows]
+    header = ["method", "runs", "diverged", "mean", "sd", "max", "paper", "wall s", "steps", "hypergrads", "trainings"]
+    body = [[r["method"], str(r["runs"]), str(r["diverged"]), _fmt(r["mean"]), _fmt(r["sd"]), _fmt(r["max"]),
+             r["paper"], _fmt(r["wall_s"], 1), _fmt(r["steps"], 0), _fmt(r["hypergrad_evals"], 0),
+             _fmt(r["full_trainings"], 0)] for r in rows]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *body])
 
@@ -105,14 +111,19 @@ def write_report(out: Path) -> dict[str, list[dict]]:
     """report.md and results.csv under `out` from the finished runs; returns the rows per dataset."""
     out = Path(out)
     runs = finished_runs(out)
-    tables = {dataset: summarize(dataset, by_method) for dataset, by_method in sorted(runs.items())}
+    diverged = diverged_runs(out)
+    tables = {dataset: summarize(dataset, by_method, diverged.get(dataset))
+              for dataset, by_method in sorted(runs.items())}
     parts = ["# metadistill results", "",
              "Final test accuracy over runs (run r uses seed r for every method): mean (max), sample sd; "
              "cost is the mean per run. Runs trained together as one batch (batch_runs) record the batch's "
              "wall time divided by its runs; \"wall s, all runs\" is the method's total. The paper's column is "
-             "its table (10 runs).", ""]
+             "its table (10 runs). Runs that diverged are counted apart and not in the accuracy; \"code version\" "
+             "names the code that produced the row's runs.", ""]
     for dataset, rows in tables.items():
         parts += [f"## {dataset}", "", markdown_table(rows), ""]
+        for method, infos in sorted(diverged.get(dataset, {}).items()):
+            parts += [f"- {method} run {info['seed']} diverged: {info['message']}" for info in infos] + [""]
         teacher = sorted({run["extra"]["teacher_test_acc"] for method_runs in runs[dataset].values()
                           for run in method_runs if "teacher_test_acc" in run.get("extra", {})})
         if teacher:

@@ -10,15 +10,33 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .hypergrad import HESSIANS
 from .meta import Metaparameters
 
 Hypergradient = Callable[[], Tensor]
 META_OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass(frozen=True)
+class Horizon:
+    """The long-horizon (online) hypergradient's settings: Z = dw/dlambda is multiplied by `gamma` before every
+    step (0: the greedy hypergradient, 1: the whole trajectory so far), and `hessian` says whether Z is carried
+    through each step's curvature ("exact") or not ("identity"). See hypergrad.OnlineTangent."""
+
+    gamma: float = 0.99
+    hessian: str = "exact"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.gamma, (int, float)) and 0.0 <= self.gamma <= 1.0):
+            raise ValueError(f"gamma must be in [0, 1], got {self.gamma!r}")
+        if self.hessian not in HESSIANS:
+            raise ValueError(f"hessian must be one of {', '.join(HESSIANS)}, got {self.hessian!r}")
 
 
 def random_metaparameters(seed: int) -> Metaparameters:
@@ -140,18 +158,20 @@ class MetaOptimizer:
 
 
 class Gradient(Strategy):
-    """Greedy hypergradient step on lambda after every training step.
+    """A hypergradient step on lambda after every training step: the greedy (one-step) hypergradient, or
+    with a `horizon` the online one (see Horizon).
 
     Starts from `lambda1` / `temperature` where given, else from the run's random draw.
     """
 
     name = "gradient"
     uses_hypergradient = True
-    horizon = None  # the greedy (one-step) hypergradient
 
     def __init__(self, meta: MetaOptimizer | None = None, lambda1: float | None = None,
-                 temperature: float | None = None) -> None:
+                 temperature: float | None = None, horizon: Horizon | None = None, name: str | None = None) -> None:
         super().__init__()
+        self.horizon = horizon
+        self.name = name or self.name
         self.meta = meta or MetaOptimizer()
         self.init = (lambda1, temperature)
         if lambda1 is not None or temperature is not None:
@@ -175,7 +195,8 @@ class Gradient(Strategy):
         return self.lam
 
     def settings(self) -> dict:
-        return {"name": self.name, "meta": self.meta.settings(), "init": list(self.init)}
+        horizon = None if self.horizon is None else asdict(self.horizon)
+        return {"name": self.name, "meta": self.meta.settings(), "init": list(self.init), "horizon": horizon}
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "meta": self.meta.state_dict()}
@@ -183,6 +204,19 @@ class Gradient(Strategy):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.meta.load_state_dict(state["meta"])
+
+
+class Online(Gradient):
+    """lambda follows the long-horizon (online) hypergradient after every step (Franceschi et al. 2017,
+    real-time hyperparameter optimisation): Z = dw/dlambda is carried along the real trajectory, decayed by
+    `horizon.gamma` before each step; the hypergradient is grad L_val(w)^T Z. Z ignores lambda's own earlier
+    changes (the real-time approximation). gamma = 0 is `Gradient` exactly."""
+
+    name = "online"
+
+    def __init__(self, meta: MetaOptimizer | None = None, lambda1: float | None = None,
+                 temperature: float | None = None, horizon: Horizon | None = None, name: str | None = None) -> None:
+        super().__init__(meta, lambda1, temperature, horizon or Horizon(), name)
 
 
 class LinearTrajectory(Gradient):
@@ -199,8 +233,9 @@ class LinearTrajectory(Gradient):
     name = "proposed"
 
     def __init__(self, window: int = 10, period: int = 2, meta: MetaOptimizer | None = None,
-                 lambda1: float | None = None, temperature: float | None = None) -> None:
-        super().__init__(meta, lambda1, temperature)
+                 lambda1: float | None = None, temperature: float | None = None, horizon: Horizon | None = None,
+                 name: str | None = None) -> None:
+        super().__init__(meta, lambda1, temperature, horizon, name)
         if not (isinstance(window, int) and window >= 2):
             raise ValueError(f"window must be an integer >= 2 (a line needs two points), got {window}")
         if not (isinstance(period, int) and period >= 1):

@@ -88,6 +88,13 @@ def cache_key(data: VisionData, arch: str, epochs: int, lr: float, batch_size: i
     }
 
 
+def entry_name(data: VisionData, arch: str, epochs: int, lr: float, batch_size: int, seed: int = 0,
+               augment: bool = True) -> str:
+    """The name of this teacher's cache entry, <dataset>-<arch>-<hash of cache_key(...)>: it names the teacher
+    exactly, without training or loading it."""
+    return f"{data.name}-{arch}-{_key_hash(cache_key(data, arch, epochs, lr, batch_size, seed, augment))}"
+
+
 def _key_hash(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -19,8 +19,9 @@ official Fashion-MNIST IDX files, gzipped or not, in `DIR/` or `DIR/FashionMNIST
 The IDX files are parsed here with numpy rather than with `torchvision.datasets.mnist.read_image_file`: those
 readers take only paths to uncompressed files and check the format with `assert`s, while this module reads
 gzipped files too and turns every format problem into a DataError. The CIFAR-10 pickles are read directly
-because torchvision's CIFAR10 class insists on the official md5 checksums. Pickles can run code when loaded:
-only point `data_dir` / METADISTILL_DATA at folders you trust.
+because torchvision's CIFAR10 class insists on the official md5 checksums; they are unpickled by an unpickler
+that builds only what those files hold (dicts, lists, bytes, numbers, numpy arrays), so a crafted file cannot
+run code.
 """
 
 from __future__ import annotations
@@ -181,11 +182,26 @@ def _read_fashion(paths: dict[str, Path]) -> Arrays:
 
 # ----------------------------------------------------------------------------- CIFAR-10 (python pickles)
 
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what the official CIFAR-10 batches hold: dicts, lists, bytes, str, numbers
+    and numpy arrays. Any other global (a function a crafted file would call) is refused, so a file in a data
+    folder cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused global {module}.{name} (not part of a CIFAR-10 batch)")
+        return super().find_class(module, name)
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One official batch: a pickled dict with b"data" uint8 N x 3072 and b"labels" (N ints)."""
     try:
         with path.open("rb") as file:
-            batch = pickle.load(file, encoding="bytes")
+            batch = _BatchUnpickler(file, encoding="bytes").load()
     except Exception as error:  # a corrupt pickle can raise nearly anything; all of it means "not the file"
         raise _FormatError(f"cannot unpickle {path}: {type(error).__name__}: {error}") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
