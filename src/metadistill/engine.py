@@ -176,7 +176,8 @@ class _Engine:
         losses, self.taken = take_step(
             self.model, self.optimizer, self.layout, problem.x_train[local], problem.y_train[local],
             problem.teacher_train[local], [run.lam for run in self.runs], self.config.t2_scaling, any(self.wants),
-            self.parallel.forward(self.model), self.parallel.loss_weight(), self.config.adam_update)
+            self.parallel.forward(self.model), self.parallel.loss_weight(), self.config.adam_update,
+            **(self.online.step_options(step) if self.online is not None and any(self.wants) else {}))
         self.rows = None
         lr = self.optimizer.param_groups[0]["lr"]
         for r, (run, value) in enumerate(zip(self.runs, self.parallel.loss_values(losses))):
@@ -198,7 +199,7 @@ class _Engine:
             v, val_losses = self.parallel.validation_gradient(self.model, self.layout, self.problem.x_val[local],
                                                               self.problem.y_val[local], self.config.t_val)
             if self.online is not None:
-                self.online.advance(self.taken, step)
+                self.online.advance(self.taken, step)  # Z over the step, from what the step computed
                 rows = self.online.hypergradient(self.layout, v)
             else:
                 rows = greedy(self.taken, v, self.config.hypergrad_method)

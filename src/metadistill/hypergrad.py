@@ -146,17 +146,35 @@ class OnlineTangent:
         self.z: Tangents = {}
         self.state: dict[str, dict[str, Tensor]] = {}
         self.last_step: int | None = None
+        self.begun: int | None = None
 
-    def advance(self, taken: TakenStep, step: int) -> None:
-        """Carry Z over the step `step` just taken."""
+    def begin(self, step: int) -> Tangents:
+        """Z before the step `step`: decayed by gamma, or 0 after a gap (a step that was not tracked)."""
+        if self.begun == step:
+            return self.z
         if self.last_step != step - 1 or self.gamma == 0.0:
             self.z, self.state = {}, {}
         elif self.gamma != 1.0:
             self.z = {name: self.gamma * t for name, t in self.z.items()}
             self.state = {name: {k: self.gamma * t for k, t in own.items()} for name, own in self.state.items()}
-        d_grad = gradient_tangents(taken, self.z, self.hessian)
-        self.z = taken.update.tangent(taken.model, self.z, d_grad, self.state)
-        self.last_step = step
+        self.begun = step
+        return self.z
+
+    def advance(self, taken: TakenStep, step: int) -> None:
+        """Carry Z over the step `step` just taken. Its gradient's change along (Z, lambda) comes from the step
+        itself where it computed it (take_step's `curvature_along` or `mixed_gradient`), else is computed here."""
+        z = self.begin(step)
+        d_grad = taken.gradient_tangent
+        if d_grad is None:
+            d_grad = gradient_tangents(taken, z, self.hessian)
+        self.z = taken.update.tangent(taken.model, z, d_grad, self.state)
+        self.last_step, self.begun = step, None
+
+    def step_options(self, step: int) -> dict:
+        """What take_step should compute through its graph for this tracker: H Z + B ("exact") or B."""
+        if self.hessian == "identity":
+            return {"mixed_gradient": True}
+        return {"curvature_along": self.begin(step)}
 
     def hypergradient(self, runs: Runs, v: dict[str, Tensor]) -> Tensor:
         """grad L_val^T Z per run: [R, 2]."""
@@ -203,7 +221,8 @@ def unrolled_hypergradient(
                                 weight_decay=weight_decay, nesterov=nesterov)
     tangent = OnlineTangent(1.0, hessian)
     for step, (x, y, teacher) in enumerate(zip(xs, ys, teacher_logits)):
-        _, taken = take_step(shadow, optimizer, runs, x, y, teacher, [lam], t2_scaling, keep=True)
+        _, taken = take_step(shadow, optimizer, runs, x, y, teacher, [lam], t2_scaling, keep=True,
+                             **tangent.step_options(step))
         assert taken is not None
         tangent.advance(taken, step)
     v, _ = validation_gradient(shadow, runs, x_val, y_val, t_val)

@@ -92,6 +92,17 @@ class TakenStep:
     record: ActivationRecord | None
     rng: object  # the RNG state before the step's forward pass (dropout masks are replayed from it)
     update: UpdateMap
+    gradient_tangent: dict[str, Tensor] | None = None  # d grad / dlambda ([2, *shape] per weight), if computed
+
+    def mixed_gradients(self) -> dict[str, Tensor]:
+        """B = d2 L_train / (dw dlambda) = J_z^T (d2 l / dlambda dz) per trainable weight [2, *shape], through the
+        step's own graph (call before the weights move)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        grads = torch.autograd.grad(self.logits, params, self.mixed(self.logits), is_grads_batched=True,
+                                    allow_unused=True)
+        return {n: torch.zeros(2, *p.shape, dtype=p.dtype, device=p.device) if g is None else g
+                for n, p, g in zip(names, params, grads)}
 
     def forward(self, params: dict[str, Tensor]) -> Tensor:
         """The step's forward pass at `params`: its buffers (cloned), its dropout masks."""
@@ -169,22 +180,69 @@ def forward_keeping(model: nn.Module, x: Tensor, keep: bool, call: Callable[[Ten
 def take_step(model: nn.Module, optimizer: torch.optim.Optimizer, runs: Runs, x: Tensor, y: Tensor,
               teacher_logits: Tensor, lams: list[Metaparameters], t2_scaling: bool = False, keep: bool = False,
               call: Callable[[Tensor], Tensor] | None = None, loss_weight: float = 1.0,
-              adam_update: str = "exact") -> tuple[Tensor, TakenStep | None]:
+              adam_update: str = "exact", mixed_gradient: bool = False,
+              curvature_along: dict[str, Tensor] | None = None) -> tuple[Tensor, TakenStep | None]:
     """One real distillation step of every run: forward, the per-run losses, backward of their sum (times
     `loss_weight`), the optimizer step. Returns (the per-run losses [R], detached; the TakenStep when
-    `keep`). `call` is what runs the forward pass (a DistributedDataParallel wrapper, say)."""
+    `keep`). `call` is what runs the forward pass (a DistributedDataParallel wrapper, say).
+
+    Through the step's own graph, before the weights move (`keep` only): with `mixed_gradient`, B = d2 L /
+    (dw dlambda) (`TakenStep.gradient_tangent`); with `curvature_along` = Z ([2, *shape] per weight), H Z + B,
+    the change of the gradient along (Z, lambda) by double backward (the step's backward keeps its graph).
+    """
     logits, kept = forward_keeping(model, x, keep, call)
     lambda1, temperature = runs.metaparameters(lams, logits)
+    curvature = keep and curvature_along is not None
+    if curvature:
+        lam = torch.stack([torch.as_tensor(lambda1), torch.as_tensor(temperature)], -1).to(logits).requires_grad_()
+        lambda1, temperature = lam[..., 0], lam[..., 1]
     losses = runs.losses(distillation_loss(logits, teacher_logits, y, lambda1, temperature, t2_scaling))
     optimizer.zero_grad(set_to_none=True)
-    (losses.sum() * loss_weight if loss_weight != 1.0 else losses.sum()).backward()
-    update = UpdateMap(optimizer, adam_update) if keep else None
+    total = losses.sum() * loss_weight if loss_weight != 1.0 else losses.sum()
+    if curvature:
+        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        grads = torch.autograd.grad(total, [p for _, p in trainable] + [lam], create_graph=True)
+        for (_, p), g in zip(trainable, grads):
+            p.grad = g.detach()
+    else:
+        total.backward(retain_graph=keep and mixed_gradient)
+    taken = None
+    if kept is not None:
+        params, buffers, record, rng = kept
+        taken = TakenStep(model, runs, params, buffers, x, y, teacher_logits, lambda1, temperature, t2_scaling,
+                          logits, record, rng, UpdateMap(optimizer, adam_update))
+        if curvature:
+            taken.lambda1, taken.temperature = _plain(lambda1), _plain(temperature)
+            taken.gradient_tangent = _curvature(trainable, grads, curvature_along)
+        elif mixed_gradient:
+            taken.gradient_tangent = taken.mixed_gradients()
     optimizer.step()
-    if kept is None or update is None:
-        return losses.detach(), None
-    params, buffers, record, rng = kept
-    return losses.detach(), TakenStep(model, runs, params, buffers, x, y, teacher_logits, lambda1, temperature,
-                                      t2_scaling, logits, record, rng, update.finish())
+    if taken is not None:
+        taken.update.finish()
+    return losses.detach(), taken
+
+
+def _plain(value: Tensor) -> float | Tensor:
+    """A metaparameter as the loss takes it without a graph: a float (single run, 0-d) or a tensor [R]."""
+    return float(value.detach()) if value.dim() == 0 else value.detach()
+
+
+def _curvature(trainable: list[tuple[str, Tensor]], grads: tuple[Tensor, ...], z: dict[str, Tensor]
+               ) -> dict[str, Tensor]:
+    """H Z + B from the step's gradient graph: column c is grad_w of (g . Z[c] + dL/dlambda_c)."""
+    *weights, lam_grad = grads
+    columns = []
+    for c in range(2):
+        scalar = lam_grad[..., c].sum()
+        for (name, _), g in zip(trainable, weights):
+            if name in z:
+                scalar = scalar + (g * z[name][c]).sum()
+        columns.append(scalar)
+    params = [p for _, p in trainable]
+    units = torch.eye(2, dtype=lam_grad.dtype, device=lam_grad.device)
+    out = torch.autograd.grad(torch.stack(columns), params, units, is_grads_batched=True, allow_unused=True)
+    return {name: torch.zeros(2, *p.shape, dtype=p.dtype, device=p.device) if g is None else g
+            for (name, p), g in zip(trainable, out)}
 
 
 def validation_gradient(model: nn.Module, runs: Runs, x_val: Tensor, y_val: Tensor, t_val: float = 1.0,
