@@ -158,3 +158,60 @@ def test_unconstrained_round_trip():
     lam = Metaparameters(0.3, 4.0)
     assert Metaparameters.from_unconstrained(*lam.to_unconstrained()).lambda1 == pytest.approx(0.3)
     assert Metaparameters.from_unconstrained(*lam.to_unconstrained()).temperature == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("kind", ["line", "hold", "line_long", "quadratic", "damped"])
+def test_predictors_extrapolate_what_they_say(kind):
+    from metadistill.strategies import fit_predictor, predict
+
+    window, period = 4, 3
+    line = [[(0.5 + 0.01 * (z - k * window * period), 2.0 - 0.1 * (z - k * window * period)) for z in range(window)]
+            for k in (2, 1, 0)]
+    fitted = fit_predictor(kind, line, window, period)
+    got = predict(kind, fitted, 7, window)
+    if kind == "hold":
+        assert got == pytest.approx((0.53, 1.7))
+    elif kind == "damped":
+        gain = sum(0.9**i for i in range(1, 5))
+        assert got == pytest.approx((0.53 + 0.01 * gain, 1.7 - 0.1 * gain))
+    else:
+        assert got == pytest.approx((0.57, 1.3))
+
+
+def test_the_paper_predictor_is_the_literal_line_and_others_change_only_predictions():
+    paper, hold = LinearTrajectory(window=4, period=3), LinearTrajectory(window=4, period=3, predictor="hold")
+    lams, asked = drive(paper, 48, seed=2)
+    held, asked_held = drive(hold, 48, seed=2)
+    assert asked == asked_held and lams[:4] == held[:4] and lams != held
+    # hold keeps the last recorded value through the prediction windows
+    assert len({lam for lam, step in zip(held[5:13], range(4, 12)) if (step // 4) % 3}) == 1
+
+
+def test_adam_meta_update_leaves_a_bound():
+    meta = MetaOptimizer("adam", 0.1)
+    meta.reset(Metaparameters(0.5, 1.0))
+    lam = Metaparameters(0.0, 1.0)  # at lambda1 = 0, d lambda1 / d logit would be 0: it could never come back
+    for _ in range(150):
+        lam = meta.update(lam, torch.tensor([-1.0, 0.0], dtype=torch.float64))
+        assert lam.lambda1 > 0.0
+    assert lam.lambda1 > 0.01
+
+
+def test_proposed_with_adam_predicts_strictly_inside_the_bounds():
+    strategy = LinearTrajectory(window=3, period=4, meta=MetaOptimizer("adam", 2.0))
+    steep = iter([torch.tensor([50.0, 50.0], dtype=torch.float64)] * 1000)  # drives lambda1 and T down fast
+    lams, _ = drive(strategy, 60, seed=1, source=steep)
+    assert all(0.0 < lam.lambda1 < 1.0 for lam in lams)
+
+
+def test_meta_average_uses_the_mean_of_the_last_hypergradients():
+    meta = MetaOptimizer("sgd", 1.0, 0.0, average=2)
+    lam = Metaparameters(0.5, 2.0)
+    lam = meta.update(lam, torch.tensor([0.1, 0.0], dtype=torch.float64))
+    assert lam.lambda1 == pytest.approx(0.4)
+    lam = meta.update(lam, torch.tensor([0.3, 0.0], dtype=torch.float64))
+    assert lam.lambda1 == pytest.approx(0.2)  # mean of 0.1 and 0.3
+    copy_ = MetaOptimizer("sgd", 1.0, 0.0, average=2)
+    copy_.load_state_dict(meta.state_dict())
+    assert copy_.update(lam, torch.tensor([0.5, 0.0], dtype=torch.float64)) == meta.update(
+        lam, torch.tensor([0.5, 0.0], dtype=torch.float64))

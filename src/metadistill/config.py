@@ -21,6 +21,7 @@ from .meta import LAMBDA1_BOUNDS, TEMPERATURE_BOUNDS, Metaparameters
 from .steps import HYPERGRADIENT_METHODS
 from .strategies import (
     META_OPTIMIZERS,
+    PREDICTORS,
     Fixed,
     Gradient,
     Horizon,
@@ -54,7 +55,9 @@ GRADIENT_METHODS = ("gradient", "proposed", "online", "proposed_online")
 # Settings that apply only to some methods (the others ignore them, and they are left out of those runs'
 # identity): setting -> the methods it applies to.
 METHOD_SETTINGS = {
-    **{name: GRADIENT_METHODS for name in ("meta_optimizer", "meta_lr", "meta_clip", "max_nonfinite_fraction")},
+    **{name: GRADIENT_METHODS for name in ("meta_optimizer", "meta_lr", "meta_clip", "meta_average",
+                                           "max_nonfinite_fraction")},
+    "predictor": ("proposed", "proposed_online"),
     "lambda1": ("naive", *GRADIENT_METHODS),
     "temperature": ("naive", *GRADIENT_METHODS),
     "hypergrad_method": ("gradient", "proposed"),
@@ -94,8 +97,10 @@ class ExperimentConfig(TrainConfig):
     meta_optimizer: str = "sgd"
     meta_lr: float = 0.1
     meta_clip: float = 0.01
+    meta_average: int = 1  # the meta-update uses the mean of the last meta_average hypergradients
     window: int = 10
     period: int = 2
+    predictor: str = "line"  # proposed methods: how lambda is predicted between gradient windows (the paper: line)
     gamma: float = 0.99  # online methods: Z decays by gamma before every step (0: the greedy hypergradient)
     hessian: str = "exact"  # online methods: carry Z through each step's curvature ("exact") or not ("identity")
     hyperopt_trials: int = 5
@@ -123,6 +128,7 @@ class ExperimentConfig(TrainConfig):
             (math.isfinite(self.meta_lr) and self.meta_lr > 0, f"meta_lr must be > 0, got {self.meta_lr}"),
             (math.isfinite(self.meta_clip) and self.meta_clip >= 0, "meta_clip must be >= 0 (0: no clip)"),
             (self.window >= 2, f"window must be >= 2, got {self.window}"),
+            (self.meta_average >= 1, f"meta_average must be >= 1, got {self.meta_average}"),
             (math.isfinite(self.gamma) and 0 <= self.gamma <= 1, f"gamma must be in [0, 1], got {self.gamma}"),
             (self.hessian in HESSIANS, f"hessian must be one of {', '.join(HESSIANS)}"),
             (self.period >= 1, f"period must be >= 1, got {self.period}"),
@@ -155,7 +161,7 @@ class ExperimentConfig(TrainConfig):
         return TrainConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
 
     def meta_optimizer_instance(self) -> MetaOptimizer:
-        return MetaOptimizer(self.meta_optimizer, self.meta_lr, self.meta_clip)
+        return MetaOptimizer(self.meta_optimizer, self.meta_lr, self.meta_clip, self.meta_average)
 
     def strategy(self, method: str) -> Strategy:
         """The strategy of `method` (every method but hyperopt, which runs whole trainings)."""
@@ -174,7 +180,7 @@ class ExperimentConfig(TrainConfig):
             return Online(self.meta_optimizer_instance(), *init, horizon)
         if method in ("proposed", "proposed_online"):
             return LinearTrajectory(self.window, self.period, self.meta_optimizer_instance(), *init,
-                                    horizon if method == "proposed_online" else None, method)
+                                    horizon if method == "proposed_online" else None, method, self.predictor)
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
     def ignored(self, method: str) -> list[str]:
@@ -190,7 +196,7 @@ class ExperimentConfig(TrainConfig):
         return names
 
 
-_CHOICES = {"optimizer": OPTIMIZERS, "meta_optimizer": META_OPTIMIZERS, "hessian": HESSIANS,
+_CHOICES = {"optimizer": OPTIMIZERS, "predictor": PREDICTORS, "meta_optimizer": META_OPTIMIZERS, "hessian": HESSIANS,
             "hypergrad_method": HYPERGRADIENT_METHODS, "dataset": DATASETS, "adam_update": ADAM_UPDATES}
 
 
