@@ -9,6 +9,14 @@ lambda1 = 0.5, T = 2):
 - original            the original code's procedure: a separate virtual step at detached copies of
                       the weights, the validation gradient at w', the finite-difference mixed
                       derivative at w, and then the real step;
+- pytorch_double      what a user would write with plain PyTorch: the virtual step by
+                      autograd.grad(create_graph=True) through functional_call, the validation loss at
+                      w', its derivative in lambda by double backward; then the real step (the same
+                      hypergradient; TorchOpt, higher and Betty do the same work);
+- online_exact        one step of the long-horizon (online) hypergradient: the real step carries
+                      Z = dw/dlambda through H Z + B (double backward through the step's own graph),
+                      then v at w' and h = v^T Z;
+- online_identity     the same with B alone (hessian "identity": no curvature term);
 - proposed_m10_P10    LinearTrajectory(window=10, period=10) driven over blocks of 100 consecutive
                       steps exactly as `fit()` drives a strategy (hypergradients by "jvp"); its time
                       is block time / 100, i.e. the amortised per-step cost.
@@ -31,10 +39,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from metadistill.hypergrad import greedy
+from metadistill.hypergrad import OnlineTangent, greedy
 from metadistill.losses import distillation_loss
 from metadistill.meta import Metaparameters
 from metadistill.models import count_parameters, fashion_student
@@ -53,7 +62,8 @@ T_VAL = 1.0
 WINDOW, PERIOD = 10, 10
 BLOCK = WINDOW * PERIOD  # one full gradient-window + prediction-windows cycle
 PROPOSED = f"proposed_m{WINDOW}_P{PERIOD}"
-RATIO_NAMES = ("jvp", "fd", "double", "original", PROPOSED)
+RATIO_NAMES = ("jvp", "fd", "double", "original", "pytorch_double", "online_exact", "online_identity", PROPOSED)
+DEVICE = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -70,11 +80,11 @@ class Data:
     def random(cls, seed: int) -> Data:
         g = torch.Generator().manual_seed(seed)
         return cls(
-            x=torch.randn(BATCH, 1, 28, 28, generator=g),
-            y=torch.randint(0, CLASSES, (BATCH,), generator=g),
-            teacher=torch.randn(BATCH, CLASSES, generator=g),
-            x_val=torch.randn(VAL_BATCH, 1, 28, 28, generator=g),
-            y_val=torch.randint(0, CLASSES, (VAL_BATCH,), generator=g),
+            x=torch.randn(BATCH, 1, 28, 28, generator=g).to(DEVICE),
+            y=torch.randint(0, CLASSES, (BATCH,), generator=g).to(DEVICE),
+            teacher=torch.randn(BATCH, CLASSES, generator=g).to(DEVICE),
+            x_val=torch.randn(VAL_BATCH, 1, 28, 28, generator=g).to(DEVICE),
+            y_val=torch.randint(0, CLASSES, (VAL_BATCH,), generator=g).to(DEVICE),
         )
 
 
@@ -92,12 +102,13 @@ class Student:
 
     def __init__(self, seed: int) -> None:
         torch.manual_seed(seed)  # every variant starts from the same weights
-        self.model = fashion_student()
+        self.model = fashion_student().to(DEVICE)
         self.model.train()
         self.optimizer = build_optimizer(self.model, TrainConfig(lr=LR, optimizer="sgd"))
 
-    def step(self, data: Data, lam: Metaparameters, keep: bool) -> TakenStep | None:
-        losses, taken = take_step(self.model, self.optimizer, Runs(), data.x, data.y, data.teacher, [lam], keep=keep)
+    def step(self, data: Data, lam: Metaparameters, keep: bool, **options: object) -> TakenStep | None:
+        losses, taken = take_step(self.model, self.optimizer, Runs(), data.x, data.y, data.teacher, [lam], keep=keep,
+                                  **options)
         if not math.isfinite(float(losses[0])):
             raise RuntimeError(f"training diverged (loss {float(losses[0])}); the timings would be meaningless")
         return taken
@@ -120,6 +131,44 @@ def shared_ordering_variant(method: str, data: Data, seed: int, steps: int) -> V
         student.hypergradient(student.step(data, LAM, keep=True), data, method)
 
     return Variant(method, step, steps)
+
+
+def online_variant(hessian: str, data: Data, seed: int, steps: int) -> Variant:
+    """The engine's online step: Z carried over the real step (gamma 0.99), v at w', h = v^T Z."""
+    student = Student(seed)
+    tangent = OnlineTangent(0.99, hessian)
+    counter = 0
+
+    def step() -> None:
+        nonlocal counter
+        taken = student.step(data, LAM, keep=True, **tangent.step_options(counter))
+        assert taken is not None
+        tangent.advance(taken, counter)
+        v, _ = validation_gradient(student.model, Runs(), data.x_val, data.y_val, T_VAL)
+        tangent.hypergradient(Runs(), v)
+        counter += 1
+
+    return Variant(f"online_{hessian}", step, steps)
+
+
+def pytorch_double_variant(data: Data, seed: int, steps: int) -> Variant:
+    """The greedy hypergradient as plain PyTorch writes it (double backward), then the real step."""
+    student = Student(seed)
+    model = student.model
+
+    def step() -> None:
+        lam = torch.tensor(LAM.as_tuple(), device=DEVICE, requires_grad=True)
+        params = {name: p.detach().requires_grad_() for name, p in model.named_parameters()}
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        loss = distillation_loss(functional_call(model, (params, buffers), (data.x,)), data.teacher, data.y,
+                                 lam[0], lam[1])
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        moved = {name: p - LR * g for (name, p), g in zip(params.items(), grads)}
+        val = F.cross_entropy(functional_call(model, (moved, buffers), (data.x_val,)) / T_VAL, data.y_val)
+        torch.autograd.grad(val, lam)
+        student.step(data, LAM, keep=False)
+
+    return Variant("pytorch_double", step, steps)
 
 
 def original_variant(data: Data, seed: int, steps: int) -> Variant:
@@ -170,10 +219,14 @@ def proposed_variant(data: Data, seed: int) -> Variant:
 
 
 def per_step_seconds(step: Callable[[], object], count: int) -> float:
-    """Wall time of `count` consecutive calls of `step`, divided by `count`."""
+    """Wall time of `count` consecutive calls of `step`, divided by `count` (a GPU is synchronised)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
     started = time.perf_counter()
     for _ in range(count):
         step()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
     return (time.perf_counter() - started) / count
 
 
@@ -216,9 +269,11 @@ def report(samples: dict[str, list[float]]) -> None:
     print()
     checks = [
         ("jvp/plain <= 2.6", ratios["jvp"] <= 2.6),
-        ("jvp lower than fd, double and original",
-         all(medians["jvp"] < medians[name] for name in ("fd", "double", "original"))),
+        ("jvp lower than fd, double, original and pytorch_double",
+         all(medians["jvp"] < medians[name] for name in ("fd", "double", "original", "pytorch_double"))),
         (f"{PROPOSED}/plain <= 1.3", ratios[PROPOSED] <= 1.3),
+        ("online_exact/plain <= 7", ratios["online_exact"] <= 7),
+        ("online_identity/plain <= 3.5", ratios["online_identity"] <= 3.5),
     ]
     for label, ok in checks:
         print(f"{'PASS' if ok else 'FAIL'}: {label}")
@@ -234,9 +289,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, default=150.0,
                         help="start no timed round after this many seconds; 0: no limit (default 150)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and of the initial weights")
+    parser.add_argument("--device", default="cpu", help="torch device to time on (cpu, cuda)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc settings alone (the CLI tunes them: runtime.keep_freed_memory)")
     args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     tuned = False if args.default_malloc else keep_freed_memory()
     if args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.budget < 0:
         parser.error("--steps and --repeats must be >= 1, --warmup and --budget >= 0")
@@ -246,10 +304,13 @@ def main(argv: list[str] | None = None) -> None:
         plain_variant(data, args.seed, args.steps),
         *(shared_ordering_variant(method, data, args.seed, args.steps) for method in ("jvp", "fd", "double")),
         original_variant(data, args.seed, args.steps),
+        pytorch_double_variant(data, args.seed, args.steps),
+        *(online_variant(hessian, data, args.seed, args.steps) for hessian in ("exact", "identity")),
         proposed_variant(data, args.seed),
     ]
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu_model()}, malloc tuned: {tuned}")
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"CPU: {cpu_model()}"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}, malloc tuned: {tuned}")
     print(f"fashion_student: {count_parameters(fashion_student())} parameters; batch {BATCH}, "
           f"validation batch {VAL_BATCH}, SGD lr {LR}, lambda1 {LAM.lambda1}, T {LAM.temperature}")
     print(f"{args.repeats} rounds of {args.steps} steps per variant ({BLOCK}-step blocks for the proposed "

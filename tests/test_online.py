@@ -3,6 +3,7 @@ online strategy against the greedy method (gamma = 0) and the unrolled derivativ
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -172,3 +173,14 @@ def test_online_batched_equals_one_at_a_time():
     batched = fit_batched(data, [make() for _ in range(3)], config, [0, 1, 2])
     assert_same_runs(singles, batched)
     assert len(set(batched[0].history["lambda1"])) > 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (bench/gpu_check.sh runs this on one)")
+@pytest.mark.parametrize("hessian", ["exact", "identity"])
+def test_online_cuda_equals_cpu(hessian):
+    make = lambda: Online(MetaOptimizer("sgd", 0.1, 0.0), lambda1=0.5, temperature=2.0,  # noqa: E731
+                          horizon=Horizon(0.9, hessian))
+    cpu = fit(problem(), make(), CONFIG, seed=1)
+    cuda = fit(problem(), make(), dataclasses.replace(CONFIG, device="cuda"), seed=1)
+    for key in ("lambda1", "temperature", "train_loss"):
+        np.testing.assert_allclose(cuda.history[key], cpu.history[key], rtol=1e-7, atol=1e-10, err_msg=key)

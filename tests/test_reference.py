@@ -173,3 +173,18 @@ def test_the_engine_is_the_reference_loop(config_name, name):
     np.testing.assert_allclose(batched[0].history["lambda1"], expected["lambda1"], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(np.array(strategies[0].seen).reshape(-1, 2), np.array(expected["h"]).reshape(-1, 2),
                                rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (bench/gpu_check.sh runs this on one)")
+@pytest.mark.parametrize("name", ["naive", "gradient", "proposed"])
+def test_cuda_runs_equal_cpu_runs(name):
+    import dataclasses
+
+    config = CONFIGS["sgd"]
+    cpu = fit(problem(), STRATEGIES[name](), config, seed=4)
+    cuda = fit(problem(), STRATEGIES[name](), dataclasses.replace(config, device="cuda"), seed=4)
+    for key in ("lambda1", "temperature", "train_loss"):
+        np.testing.assert_allclose(cuda.history[key], cpu.history[key], rtol=1e-7, atol=1e-10, err_msg=key)
+    batched = fit_batched(problem(), [STRATEGIES[name]() for _ in range(2)], dataclasses.replace(config, device="cuda"),
+                          [4, 5])
+    np.testing.assert_allclose(batched[0].history["lambda1"], cpu.history["lambda1"], rtol=1e-7, atol=1e-10)
