@@ -6,6 +6,7 @@ hypergradient by double backward through the optimizer's update written out by h
 the step held fixed). No tape, no stacking, no update maps, no run axis.
 """
 
+import contextlib
 import functools
 
 import numpy as np
@@ -35,11 +36,44 @@ def student():
                          nn.Linear(27, 8), nn.Tanh(), nn.Linear(8, 4))
 
 
-def problem():
+class Attention(nn.Module):
+    """A student with a Transformer encoder layer (attention dropout and dropout active in train mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 8)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.2, batch_first=True)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x.flatten(1, 2))).mean(1))
+
+
+STUDENTS = {
+    "cnn": student,
+    "dropout": lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 4)),
+    "attention": Attention,
+}
+
+
+def problem(kind="cnn"):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(80, 1, 8, 8, generator=g)
     y = torch.randint(0, 4, (80,), generator=g)
-    return Problem(x[:40], y[:40], 2 * torch.randn(40, 4, generator=g), x[40:60], y[40:60], x[60:], y[60:], student)
+    return Problem(x[:40], y[:40], 2 * torch.randn(40, 4, generator=g), x[40:60], y[40:60], x[60:], y[60:],
+                   STUDENTS[kind])
+
+
+@contextlib.contextmanager
+def math_attention():
+    """Attention by the math kernel, no fused fast path: the kernel whose dropout masks the oracle replays."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def loss_of(z, y, teacher, lam):
@@ -63,14 +97,17 @@ def stepped(config, w, g, state, group):
 
 
 def oracle_hypergradient(data, config, model, group, lam, params, buffers, state, x, y, teacher, val_batches,
-                         val_gen, seen):
-    """d L_val(w'(lambda)) / d lambda by double backward through the step written out (state before it fixed)."""
+                         val_gen, seen, rng):
+    """d L_val(w'(lambda)) / d lambda by double backward through the step written out (state before it fixed;
+    the step's forward replayed from its RNG state `rng`, so with its own dropout masks)."""
     if not val_batches:
         val_batches.extend(torch.randperm(len(data.x_val), generator=val_gen).split(config.batch_size))
     v_index = val_batches.pop(0)
     lam_t = torch.tensor(lam.as_tuple(), requires_grad=True)
     leaves = {n: p.clone().requires_grad_() for n, p in params.items()}
-    z = functional_call(model, (leaves, {n: b.clone() for n, b in buffers.items()}), (x,))
+    with torch.random.fork_rng(devices=[]), math_attention():
+        torch.set_rng_state(rng)
+        z = functional_call(model, (leaves, {n: b.clone() for n, b in buffers.items()}), (x,))
     grads = torch.autograd.grad(loss_of(z, y, teacher, lam_t), list(leaves.values()), create_graph=True)
     moved = {n: stepped(config, params[n], g, state[n], group) for n, g in zip(params, grads)}
     zv = functional_call(model, (moved, {n: b.clone() for n, b in buffers.items()}), (data.x_val[v_index],))
@@ -106,14 +143,16 @@ def reference_fit(data, strategy, config, seed):
             buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
             state = {n: {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
                      for n, p in model.named_parameters()}
-            loss = loss_of(model(x), y, teacher, torch.tensor(lam.as_tuple()))
+            rng = torch.get_rng_state()
+            with math_attention():
+                loss = loss_of(model(x), y, teacher, torch.tensor(lam.as_tuple()))
             opt.zero_grad()
             loss.backward()
             opt.step()
             out["train_loss"].append(float(loss.detach()))
 
             asked = functools.partial(oracle_hypergradient, data, config, model, opt.param_groups[0], lam, params,
-                                      buffers, state, x, y, teacher, val_batches, val_gen, out["h"])
+                                      buffers, state, x, y, teacher, val_batches, val_gen, out["h"], rng)
             lam = strategy.advance(step, asked)
     model.eval()
     with torch.no_grad():
@@ -173,6 +212,20 @@ def test_the_engine_is_the_reference_loop(config_name, name):
     np.testing.assert_allclose(batched[0].history["lambda1"], expected["lambda1"], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(np.array(strategies[0].seen).reshape(-1, 2), np.array(expected["h"]).reshape(-1, 2),
                                rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["dropout", "attention"])
+def test_active_dropout_and_attention_students_get_the_hypergradient_of_the_step_taken(kind):
+    """Train mode with dropout (and attention dropout): each hypergradient is the derivative of the step the
+    engine took, with that step's own masks (the generic JVP replays its RNG state)."""
+    config, data = CONFIGS["sgd"], problem(kind)
+    expected = reference_fit(data, STRATEGIES["gradient"](), config, seed=2)
+    strategy = Recording(STRATEGIES["gradient"]())
+    result = fit(data, strategy, config, seed=2)
+    np.testing.assert_allclose(result.history["train_loss"], expected["train_loss"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.array(strategy.seen).reshape(-1, 2), np.array(expected["h"]).reshape(-1, 2),
+                               rtol=1e-7, atol=1e-12)
+    assert len(set(result.history["lambda1"])) > 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (bench/gpu_check.sh runs this on one)")

@@ -16,21 +16,10 @@ else:  # pragma: no cover
 
 import torch
 
+from . import strategies
 from .hypergrad import HESSIANS
 from .meta import LAMBDA1_BOUNDS, TEMPERATURE_BOUNDS, Metaparameters
 from .steps import HYPERGRADIENT_METHODS
-from .strategies import (
-    META_OPTIMIZERS,
-    PREDICTORS,
-    Fixed,
-    Gradient,
-    Horizon,
-    LinearTrajectory,
-    MetaOptimizer,
-    Online,
-    Random,
-    Strategy,
-)
 from .teacher_models import TEACHERS
 from .train import OPTIMIZERS, TrainConfig
 from .updates import ADAM_UPDATES
@@ -124,7 +113,8 @@ class ExperimentConfig(TrainConfig):
             if value is not None and not (math.isfinite(value) and low <= value <= high):
                 raise ConfigError(f"{name} must be in [{low}, {high}], got {value}")
         checks = [
-            (self.meta_optimizer in META_OPTIMIZERS, f"meta_optimizer must be one of {', '.join(META_OPTIMIZERS)}"),
+            (self.meta_optimizer in strategies.META_OPTIMIZERS,
+             f"meta_optimizer must be one of {', '.join(strategies.META_OPTIMIZERS)}"),
             (math.isfinite(self.meta_lr) and self.meta_lr > 0, f"meta_lr must be > 0, got {self.meta_lr}"),
             (math.isfinite(self.meta_clip) and self.meta_clip >= 0, "meta_clip must be >= 0 (0: no clip)"),
             (self.window >= 2, f"window must be >= 2, got {self.window}"),
@@ -160,26 +150,26 @@ class ExperimentConfig(TrainConfig):
         names = {f.name for f in fields(TrainConfig)}
         return TrainConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
 
-    def meta_optimizer_instance(self) -> MetaOptimizer:
-        return MetaOptimizer(self.meta_optimizer, self.meta_lr, self.meta_clip, self.meta_average)
+    def meta_optimizer_instance(self) -> strategies.MetaOptimizer:
+        return strategies.MetaOptimizer(self.meta_optimizer, self.meta_lr, self.meta_clip, self.meta_average)
 
-    def strategy(self, method: str) -> Strategy:
+    def strategy(self, method: str) -> strategies.Strategy:
         """The strategy of `method` (every method but hyperopt, which runs whole trainings)."""
         init = (self.lambda1, self.temperature)
-        horizon = Horizon(self.gamma, self.hessian)
+        horizon = strategies.Horizon(self.gamma, self.hessian)
         if method == "no_distillation":
-            return Fixed(NO_DISTILLATION, method)
+            return strategies.Fixed(NO_DISTILLATION, method)
         if method == "naive":
-            return Fixed(Metaparameters(NAIVE.lambda1 if self.lambda1 is None else self.lambda1,
+            return strategies.Fixed(Metaparameters(NAIVE.lambda1 if self.lambda1 is None else self.lambda1,
                                         NAIVE.temperature if self.temperature is None else self.temperature), method)
         if method == "random":
-            return Random()
+            return strategies.Random()
         if method == "gradient":
-            return Gradient(self.meta_optimizer_instance(), *init)
+            return strategies.Gradient(self.meta_optimizer_instance(), *init)
         if method == "online":
-            return Online(self.meta_optimizer_instance(), *init, horizon)
+            return strategies.Online(self.meta_optimizer_instance(), *init, horizon)
         if method in ("proposed", "proposed_online"):
-            return LinearTrajectory(self.window, self.period, self.meta_optimizer_instance(), *init,
+            return strategies.LinearTrajectory(self.window, self.period, self.meta_optimizer_instance(), *init,
                                     horizon if method == "proposed_online" else None, method, self.predictor)
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
@@ -196,7 +186,8 @@ class ExperimentConfig(TrainConfig):
         return names
 
 
-_CHOICES = {"optimizer": OPTIMIZERS, "predictor": PREDICTORS, "meta_optimizer": META_OPTIMIZERS, "hessian": HESSIANS,
+_CHOICES = {"optimizer": OPTIMIZERS, "predictor": strategies.PREDICTORS, "meta_optimizer": strategies.META_OPTIMIZERS,
+            "hessian": HESSIANS,
             "hypergrad_method": HYPERGRADIENT_METHODS, "dataset": DATASETS, "adam_update": ADAM_UPDATES}
 
 

@@ -42,19 +42,9 @@ def greedy(taken: TakenStep, v: dict[str, Tensor], method: str = "jvp") -> Tenso
     return -taken.mixed_product(taken.update.apply(taken.model, v), method)
 
 
-def greedy_hypergradient(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    teacher_logits: Tensor,
-    x_val: Tensor,
-    y_val: Tensor,
-    lam: Metaparameters,
-    lr: float,
-    t_val: float = 1.0,
-    method: str = "jvp",
-    t2_scaling: bool = False,
-) -> Tensor:
+def greedy_hypergradient(model: nn.Module, x: Tensor, y: Tensor, teacher_logits: Tensor, x_val: Tensor, y_val: Tensor,
+                         lam: Metaparameters, lr: float, t_val: float = 1.0, method: str = "jvp",
+                         t2_scaling: bool = False) -> Tensor:
     """[dL_val/dlambda1, dL_val/dT] after one plain SGD step of size `lr` from the model's weights.
 
     The model is left exactly as it was (parameters and buffers, BatchNorm statistics included); all
@@ -187,22 +177,10 @@ class OnlineTangent:
         self.z, self.state, self.last_step = state["z"], state["state"], state["last_step"]
 
 
-def unrolled_hypergradient(
-    model: nn.Module,
-    xs: list[Tensor],
-    ys: list[Tensor],
-    teacher_logits: list[Tensor],
-    x_val: Tensor,
-    y_val: Tensor,
-    lam: Metaparameters,
-    lr: float,
-    t_val: float = 1.0,
-    hessian: str = "exact",
-    momentum: float = 0.0,
-    weight_decay: float = 0.0,
-    nesterov: bool = False,
-    t2_scaling: bool = False,
-) -> Tensor:
+def unrolled_hypergradient(model: nn.Module, xs: list[Tensor], ys: list[Tensor], teacher_logits: list[Tensor],
+                           x_val: Tensor, y_val: Tensor, lam: Metaparameters, lr: float, t_val: float = 1.0,
+                           hessian: str = "exact", momentum: float = 0.0, weight_decay: float = 0.0,
+                           nesterov: bool = False, t2_scaling: bool = False) -> Tensor:
     """[dL_val(w_K)/dlambda1, dL_val(w_K)/dT] after K = len(xs) SGD steps of size `lr` (with `momentum`,
     `weight_decay`, `nesterov` as torch.optim.SGD takes them) from the model's current weights, lambda
     held fixed, batch k being (xs[k], ys[k], teacher_logits[k]).

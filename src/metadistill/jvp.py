@@ -2,19 +2,26 @@
 
 Two engines compute the same exact J_z u:
 - `generic`: torch.autograd.forward_ad through `functional_call`; works for any model, and
-  recomputes the forward pass alongside the tangents.
+  recomputes the forward pass alongside the tangents. It runs under `jvp_kernels()` (the math
+  kernel of scaled_dot_product_attention, which has forward-mode formulas) and, given the RNG state
+  captured before the step's forward (`capture_rng`), replays it (`replay_rng`), so that dropout
+  draws the step's own masks.
 - `tape`: tangent propagation through the activations recorded during the training step's own
-  forward pass (`record_activations`), so no primal work is repeated. It applies to models whose
-  forward is a chain of supported layers (Linear, Conv1d/2d, BatchNorm1d/2d, ReLU, Tanh, Sigmoid,
-  MaxPool1d/2d, Flatten, Identity, Dropout when inactive, and the layers of `stacked`); anything
-  else falls back to `generic`.
+  forward pass (`record_activations`), so no primal work is repeated. It applies only where the
+  record proves that the forward pass was a chain of supported layers (see `ActivationRecord.chain`
+  and `uses_tape`): each layer's type is exactly one of Linear, Conv1d/2d (zero padding),
+  BatchNorm1d/2d, ReLU, Tanh, Sigmoid, MaxPool1d/2d, Flatten, Identity, Dropout when inactive, and
+  the layers of `stacked` (no subclasses, no hooks of others, no per-instance forward), each layer
+  consumed exactly the tensor the previous one returned, unmodified (tensor versions), and every
+  tensor a tangent rule reads is unchanged since. Anything else falls back to `generic`.
 Both are checked against each other and against double-backward oracles in the tests.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -22,10 +29,19 @@ import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.modules import module as _module_globals
+from torch.nn.modules.dropout import _DropoutNd
 
 from .stacked import MergeRuns, SplitRuns, StackedLinear, stacked_linear
 
-_CHAIN_LAYERS = (
+_LINEAR_LIKE = frozenset({nn.Linear, StackedLinear, nn.Conv1d, nn.Conv2d})
+_CONV_SPATIAL = {nn.Conv1d: 1, nn.Conv2d: 2}
+_BATCHNORM = frozenset({nn.BatchNorm1d, nn.BatchNorm2d})
+_POOL_SPATIAL = {nn.MaxPool1d: 1, nn.MaxPool2d: 2}
+
+# The tape takes a layer only when its type is exactly one of these (a subclass may compute anything).
+_CHAIN_LAYERS = frozenset({
     nn.Linear,
     StackedLinear,
     MergeRuns,
@@ -42,43 +58,89 @@ _CHAIN_LAYERS = (
     nn.Flatten,
     nn.Identity,
     nn.Dropout,
-)
+})
 
-_READS_INPUT = (nn.Linear, StackedLinear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.MaxPool1d,
-                nn.MaxPool2d)
+# What each tangent rule reads after the forward pass (besides shapes): the layer's input, its output.
+_READS_INPUT = frozenset({nn.Linear, StackedLinear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d,
+                          nn.MaxPool1d, nn.MaxPool2d})
+_READS_OUTPUT = frozenset({nn.ReLU, nn.Tanh, nn.Sigmoid, nn.MaxPool1d, nn.MaxPool2d})
 
 
-@dataclass
+def _rule_applies(module: nn.Module) -> bool:
+    """Whether the tangent rule of `module`'s exact type implements the options it is configured with.
+
+    Options not checked here are read by the rules (Linear: none; conv stride, padding including
+    "same"/"valid", dilation, groups; BatchNorm eps, affine, track_running_stats, and training at the
+    call; max-pool kernel, stride, padding, dilation, ceil_mode, through the pool's own indices;
+    Flatten start_dim, end_dim) or do not change the output (BatchNorm momentum, ReLU inplace, whose
+    in-place write the version checks follow).
+    """
+    kind = type(module)
+    if kind not in _CHAIN_LAYERS or "forward" in module.__dict__:
+        return False
+    if kind in _CONV_SPATIAL:
+        return module.padding_mode == "zeros"
+    if kind in _POOL_SPATIAL:
+        return not module.return_indices
+    if kind is nn.Dropout:
+        return not (module.training and module.p > 0)
+    return True
+
+
+def _global_hooks() -> bool:
+    """Whether module hooks registered for all modules could change what a layer receives or returns."""
+    return bool(getattr(_module_globals, "_global_forward_hooks", None)
+                or getattr(_module_globals, "_global_forward_pre_hooks", None))
+
+
+@dataclass(eq=False)
 class _Call:
     module: nn.Module
     prefix: str
     inp: Tensor
     out: Tensor
+    in_version: int  # the input's version as the layer received it
+    out_version: int  # the output's version as the layer returned it
+    batch_stats: bool = False  # BatchNorm: normalized by the batch's statistics (not the running ones)
     saved: dict[str, Tensor] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        self.version = self.inp._version
-
     def intact(self) -> bool:
-        """The input, where the tangent rule reads it, was not modified in place after the call."""
-        reads_input = isinstance(self.module, _READS_INPUT)
-        return not reads_input or self.inp._version == self.version
+        """What the tangent rule reads (input, output) was not modified in place since the call."""
+        kind = type(self.module)
+        if kind in _READS_INPUT and self.inp._version != self.in_version:
+            return False
+        return kind not in _READS_OUTPUT or self.out._version == self.out_version
 
 
 @dataclass
 class ActivationRecord:
-    """The leaf-module calls of one forward pass, in order; `chain` says whether the tape engine applies."""
+    """The leaf-module calls of one forward pass, in order; `chain` says whether the tape engine applies.
+
+    `random` is set when an active dropout layer was called: the forward pass drew random numbers, and
+    a re-run of it (the generic engine) needs the step's RNG state (`capture_rng`) to be the same pass.
+    """
 
     calls: list[_Call] = field(default_factory=list)
     supported: bool = True
+    random: bool = False
 
     def chain(self, x: Tensor, logits: Tensor) -> bool:
-        if not self.supported or not self.calls:
+        """Whether the recorded calls prove that `logits` = layer_n(...layer_1(x)) with what was recorded.
+
+        Integer and identity comparisons only: the first layer received `x`, the last returned
+        `logits` (not modified since); each layer received the object the previous layer returned,
+        at the version it was returned with; and what each tangent rule reads is unchanged.
+        """
+        calls = self.calls
+        if not self.supported or not calls:
             return False
-        if self.calls[0].inp is not x or self.calls[-1].out is not logits:
+        last = calls[-1]
+        if calls[0].inp is not x or last.out is not logits or logits._version != last.out_version:
             return False
-        linked = all(a.out is b.inp for a, b in zip(self.calls, self.calls[1:]))
-        return linked and all(call.intact() for call in self.calls)
+        for a, b in zip(calls, calls[1:]):
+            if b.inp is not a.out or b.in_version != a.out_version:
+                return False
+        return all(call.intact() for call in calls)
 
 
 def _leaf_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -87,89 +149,148 @@ def _leaf_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
+def _version(t: object) -> int | None:
+    if not isinstance(t, Tensor):
+        return None
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
 @contextmanager
 def record_activations(model: nn.Module) -> Iterator[ActivationRecord]:
     """Record the inputs and outputs of every leaf module called inside the block.
 
+    Each call is recorded separately (a module called twice is two calls), with the version of its
+    input when the layer received it (a forward pre-hook) and of its output when it returned it.
     The tensors recorded are the ones autograd keeps for the backward pass anyway; the max-pool
     indices and batch-norm statistics are read from the autograd nodes when they exist.
     """
     record = ActivationRecord()
+    pending: list[tuple[nn.Module, int | None]] = []
+
+    def pre(module: nn.Module, args: tuple) -> None:
+        pending.append((module, _version(args[0]) if len(args) == 1 else None))
 
     def hook(prefix: str):
         def fn(module: nn.Module, args: tuple, out: object) -> None:
-            if not isinstance(module, _CHAIN_LAYERS) or len(args) != 1 or not isinstance(out, Tensor):
+            entered, in_version = pending.pop() if pending else (None, None)
+            if isinstance(module, _DropoutNd) and module.training and module.p > 0:
+                record.random = True
+            if not record.supported:
+                return
+            out_version = _version(out)
+            if (entered is not module or in_version is None or out_version is None or len(args) != 1
+                    or not _rule_applies(module) or len(module._forward_hooks) != 1
+                    or len(module._forward_pre_hooks) != 1 or _global_hooks()):
                 record.supported = False
                 return
-            if isinstance(module, nn.Dropout) and module.training and module.p > 0:
-                record.supported = False
-                return
-            call = _Call(module, prefix, args[0], out)
+            call = _Call(module, prefix, args[0], out, in_version, out_version)
+            kind = type(module)
             node = out.grad_fn
-            if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d)) and node is not None:
+            if kind is nn.MaxPool2d and node is not None and type(node).__name__ == "MaxPool2DWithIndicesBackward0":
                 indices = getattr(node, "_saved_result1", None)
                 if indices is not None and indices.dtype == torch.int64:
                     call.saved["indices"] = indices
-            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and node is not None:
-                if type(node).__name__ == "NativeBatchNormBackward0" and node._saved_training:
+            if kind in _BATCHNORM:
+                call.batch_stats = module.training or (module.running_mean is None and module.running_var is None)
+                if node is not None and type(node).__name__ == "NativeBatchNormBackward0" and node._saved_training:
                     call.saved["mean"] = node._saved_result1
                     call.saved["invstd"] = node._saved_result2
             record.calls.append(call)
 
         return fn
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in _leaf_modules(model)]
+    handles = []
     try:
+        for name, m in _leaf_modules(model):
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(hook(name)))
         yield record
     finally:
         for handle in handles:
             handle.remove()
 
 
-def capture_rng(device: torch.device) -> object:
-    """TEMPORARY (replaced by the jvp-exact branch): the RNG state before a forward pass."""
-    return torch.get_rng_state()
+@dataclass(frozen=True)
+class RngState:
+    """The global RNG state before a forward pass: the CPU generator's, and a cuda device's (index, state)."""
+
+    cpu: Tensor
+    cuda: tuple[int, Tensor] | None = None
+
+
+def capture_rng(device: torch.device | str | None = None) -> RngState:
+    """The RNG state a forward pass on `device` starts from; call it just before the step's forward."""
+    device = torch.device("cpu" if device is None else device)
+    cuda = None
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        cuda = (index, torch.cuda.get_rng_state(index))
+    return RngState(torch.get_rng_state(), cuda)
 
 
 @contextmanager
-def replay_rng(state: object) -> Iterator[None]:
-    """TEMPORARY: run the block with the captured RNG state, leaving the caller's stream as it was."""
+def replay_rng(state: RngState | None) -> Iterator[None]:
+    """Run the block from the captured RNG state; the caller's RNG stream is left as it was before the block.
+    With no state (None), the block just runs."""
     if state is None:
         yield
         return
-    with torch.random.fork_rng(devices=[]):
-        torch.set_rng_state(state)
+    devices = [] if state.cuda is None else [state.cuda[0]]
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state.cpu)
+        if state.cuda is not None:
+            torch.cuda.set_rng_state(state.cuda[1], state.cuda[0])
         yield
 
 
 @contextmanager
 def jvp_kernels() -> Iterator[None]:
-    """TEMPORARY: kernels that forward-mode AD can differentiate."""
-    yield
+    """The kernels `generic_jvp` runs the forward pass with: scaled_dot_product_attention's math kernel
+    (the flash kernels have no forward-mode formulas) and no fused MultiheadAttention fast path.
+
+    Wrap the step's own forward in it when the step is kept for a hypergradient, so that its
+    attention-dropout masks are drawn by the same kernel as in the replay.
+    """
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
-def generic_jvp(
-    model: nn.Module,
-    params: dict[str, Tensor],
-    buffers: dict[str, Tensor],
-    x: Tensor,
-    tangents: dict[str, Tensor],
-    rng: object = None,
-) -> tuple[Tensor, Tensor]:
-    """(logits, J_logits · tangents) at `params` by forward-mode AD; `buffers` are cloned, never written."""
+def generic_jvp(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor,
+                tangents: dict[str, Tensor], *, rng: RngState | None = None) -> tuple[Tensor, Tensor]:
+    """(logits, J_logits · tangents) at `params` by forward-mode AD; `buffers` are cloned, never written.
+
+    With `rng` (from `capture_rng` before the step's forward), the pass replays the step's random
+    draws (dropout masks); the caller's RNG stream is not advanced.
+    """
     scratch = {name: b.clone() for name, b in buffers.items()}
-    with fwad.dual_level(), replay_rng(rng):
-        duals = {name: fwad.make_dual(p.detach(), tangents[name]) if name in tangents else p.detach()
-                 for name, p in params.items()}
-        out = functional_call(model, (duals, scratch), (x,))
-        primal, tangent = fwad.unpack_dual(out)
+    with ExitStack() as stack:
+        stack.enter_context(jvp_kernels())
+        if rng is not None:
+            stack.enter_context(replay_rng(rng))
+        with fwad.dual_level():
+            duals = {name: fwad.make_dual(p.detach(), tangents[name]) if name in tangents else p.detach()
+                     for name, p in params.items()}
+            out = functional_call(model, (duals, scratch), (x,))
+            primal, tangent = fwad.unpack_dual(out)
     if tangent is None:
         tangent = torch.zeros_like(primal)
     return primal, tangent
 
 
+def _name(call: _Call, name: str) -> str:
+    return f"{call.prefix}.{name}" if call.prefix else name
+
+
 def _param(call: _Call, params: dict[str, Tensor], name: str) -> Tensor | None:
-    return params.get(f"{call.prefix}.{name}" if call.prefix else name)
+    return params.get(_name(call, name))
 
 
 def _channel_mean(t: Tensor) -> Tensor:
@@ -184,16 +305,17 @@ def _channel_view(v: Tensor, like: Tensor) -> Tensor:
 def _linear_tangent(call: _Call, params: dict[str, Tensor], tangents: dict[str, Tensor],
                     t_in: Tensor | None) -> Tensor | None:
     module = call.module
+    kind = type(module)
     weight = _param(call, params, "weight")
     d_weight = _param(call, tangents, "weight")
     d_bias = _param(call, tangents, "bias") if module.bias is not None else None
 
     def apply(inp: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        if isinstance(module, nn.Linear):
+        if kind is nn.Linear:
             return F.linear(inp, w, b)
-        if isinstance(module, StackedLinear):
+        if kind is StackedLinear:
             return stacked_linear(inp, w, b)
-        conv = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d
+        conv = F.conv1d if kind is nn.Conv1d else F.conv2d
         return conv(inp, w, b, module.stride, module.padding, module.dilation, module.groups)
 
     out = None
@@ -203,10 +325,12 @@ def _linear_tangent(call: _Call, params: dict[str, Tensor], tangents: dict[str, 
         term = apply(call.inp, d_weight, d_bias)
         out = term if out is None else out + term
     elif d_bias is not None:
-        if isinstance(module, StackedLinear):
-            term = d_bias.unsqueeze(0)
-        else:
-            term = _channel_view(d_bias, call.out) if call.out.dim() > 2 else d_bias
+        if kind is StackedLinear:
+            term = d_bias.unsqueeze(0)  # [R, out] over [B, R, out]
+        elif kind is nn.Linear:
+            term = d_bias  # the bias runs along the last dimension, whatever the leading ones
+        else:  # convolutions: channels just before the spatial dimensions (batched or not)
+            term = d_bias.view([-1] + [1] * _CONV_SPATIAL[kind])
         out = term.expand_as(call.out) if out is None else out + term
     return out
 
@@ -220,7 +344,7 @@ def _batchnorm_tangent(call: _Call, params: dict[str, Tensor], tangents: dict[st
     """
     module = call.module
     x = call.inp
-    batch_stats = module.training or module.running_mean is None
+    batch_stats = call.batch_stats
     if batch_stats:
         if "mean" in call.saved:
             mean, invstd = call.saved["mean"], call.saved["invstd"]
@@ -255,9 +379,10 @@ def _batchnorm_tangent(call: _Call, params: dict[str, Tensor], tangents: dict[st
 
 def _pool_tangent(call: _Call, t_in: Tensor) -> Tensor:
     module = call.module
+    spatial = _POOL_SPATIAL[type(module)]
     indices = call.saved.get("indices")
     if indices is None:
-        pool = F.max_pool1d if isinstance(module, nn.MaxPool1d) else F.max_pool2d
+        pool = F.max_pool1d if spatial == 1 else F.max_pool2d
         _, indices = pool(call.inp, module.kernel_size, module.stride, module.padding,
                           module.dilation, ceil_mode=module.ceil_mode, return_indices=True)
     if t_in.dim() == 4 and t_in.is_contiguous(memory_format=torch.channels_last) and not t_in.is_contiguous():
@@ -267,7 +392,8 @@ def _pool_tangent(call: _Call, t_in: Tensor) -> Tensor:
         picked = flat.gather(1, indices.permute(0, 2, 3, 1).flatten(1, 2))
         batch, channels, height, width = call.out.shape
         return picked.view(batch, height, width, channels).permute(0, 3, 1, 2)
-    flat = t_in.flatten(start_dim=2).gather(2, indices.flatten(start_dim=2))
+    # The indices count positions within each channel's (flattened) spatial plane, batched or not.
+    flat = t_in.flatten(start_dim=-spatial).gather(-1, indices.flatten(start_dim=-spatial))
     return flat.view_as(call.out)
 
 
@@ -277,53 +403,94 @@ def tape_jvp(
     buffers: dict[str, Tensor],
     tangents: dict[str, Tensor],
 ) -> Tensor:
-    """J_logits · tangents by propagating tangents through a recorded chain (see `ActivationRecord.chain`).
+    """J_logits · tangents by propagating tangents through a recorded chain.
 
-    `params` and `buffers` must be the values the recorded forward pass used.
+    Only valid where `uses_tape` (or at least `ActivationRecord.chain`) holds. `params` and `buffers`
+    must be the values the recorded forward pass used.
     """
     t: Tensor | None = None
     calls = record.calls
     for i, call in enumerate(calls):
         module = call.module
-        following = calls[i + 1].module if i + 1 < len(calls) else None
-        if isinstance(module, (nn.Linear, StackedLinear, nn.Conv1d, nn.Conv2d)):
+        kind = type(module)
+        following = type(calls[i + 1].module) if i + 1 < len(calls) else None
+        if kind in _LINEAR_LIKE:
             t = _linear_tangent(call, params, tangents, t)
-        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        elif kind in _BATCHNORM:
             t = _batchnorm_tangent(call, params, tangents, buffers, t)
         elif t is None:
             continue
-        elif isinstance(module, nn.ReLU):
-            if isinstance(following, (nn.MaxPool1d, nn.MaxPool2d)):
+        elif kind is nn.ReLU:
+            if following in _POOL_SPATIAL:
                 continue  # masked after the pool, on the smaller tensor: see _pool_tangent
             t = torch.ops.aten.threshold_backward(t, call.out, 0)
-        elif isinstance(module, nn.Tanh):
+        elif kind is nn.Tanh:
             t = t * (1 - call.out * call.out)
-        elif isinstance(module, nn.Sigmoid):
+        elif kind is nn.Sigmoid:
             t = t * call.out * (1 - call.out)
-        elif isinstance(module, (nn.MaxPool1d, nn.MaxPool2d)):
+        elif kind in _POOL_SPATIAL:
             t = _pool_tangent(call, t)
-            if i > 0 and isinstance(calls[i - 1].module, nn.ReLU):
+            if i > 0 and type(calls[i - 1].module) is nn.ReLU:
                 # relu then max-pool: the selected element passed the relu iff the pooled value is > 0.
                 t = torch.ops.aten.threshold_backward(t, call.out, 0)
-        elif isinstance(module, nn.Flatten):
+        elif kind is nn.Flatten:
             t = t.flatten(module.start_dim, module.end_dim)
-        elif isinstance(module, (MergeRuns, SplitRuns)):
-            t = module(t)
+        elif kind is MergeRuns or kind is SplitRuns:
+            t = module.forward(t)
         # Identity and inactive Dropout pass the tangent through unchanged.
     return torch.zeros_like(record.calls[-1].out) if t is None else t
 
 
-def logits_jvp(
-    model: nn.Module,
+def _tape_reads_all(record: ActivationRecord, params: dict[str, Tensor], buffers: dict[str, Tensor],
+                    tangents: dict[str, Tensor]) -> bool:
+    """Every weight a rule reads is in `params` (running statistics in `buffers`), and every tangent is
+    read by a rule (a parameter the chain does not read, tied or used elsewhere, needs the generic engine)."""
+    read: set[str] = set()
+    for call in record.calls:
+        module = call.module
+        kind = type(module)
+        if kind in _LINEAR_LIKE:
+            names = ("weight",) if module.bias is None else ("weight", "bias")
+        elif kind in _BATCHNORM:
+            if not call.batch_stats and (_name(call, "running_mean") not in buffers
+                                         or _name(call, "running_var") not in buffers):
+                return False
+            names = ("weight", "bias") if module.affine else ()
+        else:
+            continue
+        for name in names:
+            full = _name(call, name)
+            if full not in params:
+                return False
+            read.add(full)
+    return read.issuperset(tangents)
+
+
+def uses_tape(
+    record: ActivationRecord | None,
+    x: Tensor,
+    logits: Tensor | None,
     params: dict[str, Tensor],
     buffers: dict[str, Tensor],
-    x: Tensor,
     tangents: dict[str, Tensor],
-    record: ActivationRecord | None = None,
-    logits: Tensor | None = None,
-    rng: object = None,
-) -> tuple[Tensor, Tensor]:
-    """(logits, J_logits · tangents) at `params`; uses the tape when `record` covers a supported chain."""
-    if record is not None and logits is not None and record.chain(x, logits):
+) -> bool:
+    """Whether `logits_jvp` with these arguments takes the tape engine (otherwise the generic one)."""
+    return (record is not None and logits is not None and record.chain(x, logits)
+            and _tape_reads_all(record, params, buffers, tangents))
+
+
+def logits_jvp(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor,
+               tangents: dict[str, Tensor], record: ActivationRecord | None = None, logits: Tensor | None = None,
+               *, rng: RngState | None = None) -> tuple[Tensor, Tensor]:
+    """(logits, J_logits · tangents) at `params`; uses the tape when `record` proves a supported chain.
+
+    `rng`: the RNG state captured (`capture_rng`) just before the recorded forward pass; the generic
+    engine replays it, so that a forward pass with dropout is differentiated with its own masks.
+    """
+    if uses_tape(record, x, logits, params, buffers, tangents):
         return logits.detach(), tape_jvp(record, params, buffers, tangents)
-    return generic_jvp(model, params, buffers, x, tangents, rng)
+    if rng is None and record is not None and record.random:
+        warnings.warn("the recorded forward pass used active dropout but no RNG state was given (rng=): the "
+                      "Jacobian-vector product is taken with fresh dropout masks, not the step's own",
+                      RuntimeWarning, stacklevel=2)
+    return generic_jvp(model, params, buffers, x, tangents, rng=rng)

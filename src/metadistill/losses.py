@@ -9,14 +9,8 @@ from torch import Tensor
 Scalar = float | Tensor
 
 
-def distillation_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    targets: Tensor,
-    lambda1: Scalar,
-    temperature: Scalar,
-    t2_scaling: bool = False,
-) -> Tensor:
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, lambda1: Scalar,
+                      temperature: Scalar, t2_scaling: bool = False) -> Tensor:
     """Batch mean of  lambda1 * CE(z, y) + (1 - lambda1) * s(T) * KL(softmax(f/T) || softmax(z/T)).
 
     z are the student logits, f the teacher logits (constants), y the hard labels. lambda1 weights
@@ -68,14 +62,8 @@ def validation_loss(student_logits: Tensor, targets: Tensor, t_val: float = 1.0)
     return F.cross_entropy(student_logits / t_val, targets)
 
 
-def mixed_derivative(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    targets: Tensor,
-    lambda1: Scalar,
-    temperature: Scalar,
-    t2_scaling: bool = False,
-) -> Tensor:
+def mixed_derivative(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, lambda1: Scalar,
+                     temperature: Scalar, t2_scaling: bool = False) -> Tensor:
     """d^2 L / (d lambda dz) of the batch-mean `distillation_loss`, shape [2, B, K].
 
     Also for stacked runs: logits [B, R, K], targets [B, R] and per-run `lambda1`, `temperature` of

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .jvp import ActivationRecord, capture_rng, jvp_kernels, logits_jvp, record_activations, replay_rng
+from .jvp import ActivationRecord, RngState, capture_rng, jvp_kernels, logits_jvp, record_activations, replay_rng
 from .losses import distillation_loss, mixed_derivative, validation_loss
 from .meta import Metaparameters
 from .updates import UpdateMap
@@ -90,7 +90,7 @@ class TakenStep:
     t2_scaling: bool
     logits: Tensor  # the step's own logits (the object the record saw)
     record: ActivationRecord | None
-    rng: object  # the RNG state before the step's forward pass (dropout masks are replayed from it)
+    rng: RngState | None  # the RNG state before the step's forward pass (its dropout masks are replayed from it)
     update: UpdateMap
     gradient_tangent: dict[str, Tensor] | None = None  # d grad / dlambda ([2, *shape] per weight), if computed
 
