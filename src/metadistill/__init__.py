@@ -5,7 +5,7 @@ from .hypergrad import HYPERGRADIENT_METHODS, OnlineTangent, greedy_hypergradien
 from .identity import PACKAGE_VERSION
 from .losses import distillation_loss, mixed_derivative, validation_loss
 from .meta import Metaparameters
-from .problem import Problem
+from .problem import Loaders, Problem
 from .results import DivergenceError, RunResult
 from .search import hyperopt_search, hyperopt_search_batched
 from .steps import TakenStep, take_step
@@ -29,6 +29,7 @@ __all__ = [
     "HYPERGRADIENT_METHODS",
     "DivergenceError",
     "Horizon",
+    "Loaders",
     "Fixed",
     "Gradient",
     "LinearTrajectory",

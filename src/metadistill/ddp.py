@@ -154,6 +154,8 @@ def fit_ddp(
     if _has_batchnorm(problem.make_student()):
         raise ValueError("fit_ddp refuses students with BatchNorm layers: each rank would normalise with its own "
                          "shard's statistics, which differs from one-process training (train them without --ddp)")
+    if not isinstance(problem, Problem):
+        raise ValueError("fit_ddp trains from a Problem in memory (each rank draws fit's batches and keeps its shard)")
     if not dist.is_initialized():
         raise RuntimeError("fit_ddp needs an initialised torch.distributed process group (see init_from_env)")
     device = torch.device(config.device)

@@ -32,9 +32,8 @@ from torch import Tensor, nn
 from .files import write_atomic
 from .hypergrad import OnlineTangent, greedy
 from .identity import code_version, tensor_fingerprint
-from .losses import validation_loss
 from .meta import Metaparameters
-from .problem import IndexStream, Problem, batch_streams
+from .problem import Loaders, Problem, Source, evaluate_runs, source_of
 from .results import DivergenceError, Evaluations, RunResult, new_history
 from .stacked import stack_models
 from .steps import Runs, TakenStep, take_step, validation_gradient
@@ -42,6 +41,7 @@ from .strategies import Strategy
 from .train import Schedule, TrainConfig, build_optimizer, build_scheduler
 
 Outcome = RunResult | DivergenceError
+Data = Problem | Loaders
 Progress = Callable[[int, int], None]
 
 
@@ -75,31 +75,14 @@ class Parallel:
         return {}
 
 
-@torch.no_grad()
-def evaluate_runs(model: nn.Module, runs: Runs, x: Tensor, y: Tensor, t_val: float = 1.0,
-                  batch_size: int = 2048) -> list[tuple[float, float]]:
-    """Per run (accuracy, validation loss) on shared data, in eval mode; the model's mode is restored."""
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros(runs.count, dtype=torch.long, device=x.device)
-    loss_sum = torch.zeros(runs.count, dtype=torch.float64, device=x.device)
-    chunk = max(1, batch_size // runs.count)
-    for start in range(0, len(x), chunk):
-        logits = runs.by_run(model(runs.shared(x[start:start + chunk])))
-        target = y[start:start + chunk].unsqueeze(1).expand(-1, runs.count)
-        correct += (logits.argmax(-1) == target).sum(0)
-        loss_sum += validation_loss(logits, target, t_val).double() * len(target)
-    model.train(was_training)
-    return [(int(c) / len(x), float(s) / len(x)) for c, s in zip(correct.tolist(), loss_sum.tolist())]
-
-
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, t_val: float = 1.0, batch_size: int = 2048
              ) -> tuple[float, float]:
     """(accuracy, validation loss) of a model in eval mode; the model's mode is restored afterwards."""
-    return evaluate_runs(model, Runs(), x, y, t_val, batch_size)[0]
+    return evaluate_runs(model, Runs(), ((x[i:i + batch_size], y[i:i + batch_size])
+                                         for i in range(0, len(x), batch_size)), t_val)[0]
 
 
-def batchable(problem: Problem, config: TrainConfig) -> bool:
+def batchable(problem: Problem | Loaders, config: TrainConfig) -> bool:
     """Whether runs of this problem and config can be trained as one stacked model."""
     if config.hypergrad_method != "jvp":
         return False
@@ -117,8 +100,6 @@ class _Run:
     seed: int
     strategy: Strategy
     lam: Metaparameters
-    train_batches: IndexStream
-    val_batches: IndexStream
     evaluations: Evaluations
     history: dict[str, list] = field(default_factory=new_history)
     hypergrad_evals: int = 0
@@ -133,17 +114,16 @@ class _Run:
 class _Engine:
     """The state of R runs trained together, and the parts of one loop iteration (see `train_runs`)."""
 
-    def __init__(self, problem: Problem, strategies: list[Strategy], config: TrainConfig, seeds: list[int],
+    def __init__(self, data: Problem | Loaders, strategies: list[Strategy], config: TrainConfig, seeds: list[int],
                  parallel: Parallel) -> None:
         self.config, self.parallel = config, parallel
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and self.device.index is None and torch.cuda.is_available():
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.problem = problem.to(self.device)
         students = []
         for seed in seeds:
             torch.manual_seed(seed)
-            students.append(self.problem.make_student().to(self.device))
+            students.append(data.make_student().to(self.device))
         self.layout = Runs(len(seeds), stacked=len(seeds) > 1)
         if self.layout.stacked and config.hypergrad_method != "jvp":
             raise NotImplementedError("stacked runs compute hypergradients by the jvp method only")
@@ -151,12 +131,10 @@ class _Engine:
         self.model.train()
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config)
-        self.schedule = Schedule.of(config, len(self.problem.x_train))
-        self.runs = []
-        for strategy, seed in zip(strategies, seeds):
-            train, val = batch_streams(self.problem, config.batch_size, config.val_batch_size, seed, self.device)
-            self.runs.append(_Run(seed, strategy, strategy.start(seed), train, val,
-                                  Evaluations(self.schedule.steps_per_epoch)))
+        self.source: Source = source_of(data, config.batch_size, config.val_batch_size, seeds, self.device)
+        self.schedule = Schedule.of(config, self.source.steps_per_epoch)
+        self.runs = [_Run(seed, strategy, strategy.start(seed), Evaluations(self.schedule.steps_per_epoch))
+                     for strategy, seed in zip(strategies, seeds)]
         horizon = getattr(strategies[0], "horizon", None)
         self.online = None if horizon is None or horizon.gamma == 0 else OnlineTangent(horizon.gamma, horizon.hessian)
         self.started, self.earlier_wall = time.perf_counter(), 0.0
@@ -166,16 +144,14 @@ class _Engine:
 
     def take(self, step: int) -> None:
         """The real step of every run with its current lambda; keeps the TakenStep where a strategy wants it."""
-        index = [next(run.train_batches) for run in self.runs]
-        local = self.parallel.shard(torch.stack(index, dim=1) if self.layout.stacked else index[0])
-        problem = self.problem
+        x, y, teacher = self.source.train_batch(self.layout, self.parallel.shard)
         for run in self.runs:
             run.history["lambda1"].append(run.lam.lambda1)
             run.history["temperature"].append(run.lam.temperature)
         self.wants = [run.failed is None and run.strategy.wants_hypergradient(step) for run in self.runs]
         losses, self.taken = take_step(
-            self.model, self.optimizer, self.layout, problem.x_train[local], problem.y_train[local],
-            problem.teacher_train[local], [run.lam for run in self.runs], self.config.t2_scaling, any(self.wants),
+            self.model, self.optimizer, self.layout, x, y, teacher, [run.lam for run in self.runs],
+            self.config.t2_scaling, any(self.wants),
             self.parallel.forward(self.model), self.parallel.loss_weight(), self.config.adam_update,
             **(self.online.step_options(step) if self.online is not None and any(self.wants) else {}))
         self.rows = None
@@ -191,13 +167,9 @@ class _Engine:
         """[R, 2] hypergradients of the step just taken, computed once for the runs that want them."""
         if self.rows is None:
             assert self.taken is not None, "the step was taken without keeping it for a hypergradient"
-            # Each run that wants a hypergradient draws its own validation batch; the others borrow one.
-            drawn = {r: next(run.val_batches) for r, run in enumerate(self.runs) if self.wants[r]}
-            filler = next(iter(drawn.values()))
-            index = [drawn.get(r, filler) for r in range(len(self.runs))]
-            local = self.parallel.shard_validation(torch.stack(index, dim=1) if self.layout.stacked else index[0])
-            v, val_losses = self.parallel.validation_gradient(self.model, self.layout, self.problem.x_val[local],
-                                                              self.problem.y_val[local], self.config.t_val)
+            x_val, y_val = self.source.val_batch(self.layout, self.wants, self.parallel.shard_validation)
+            v, val_losses = self.parallel.validation_gradient(self.model, self.layout, x_val, y_val,
+                                                              self.config.t_val)
             if self.online is not None:
                 self.online.advance(self.taken, step)  # Z over the step, from what the step computed
                 rows = self.online.hypergradient(self.layout, v)
@@ -231,9 +203,7 @@ class _Engine:
             run.lam = run.strategy.advance(step, hypergradient)
 
     def evaluate(self, step: int) -> None:
-        problem, t_val = self.problem, self.config.t_val
-        tests = evaluate_runs(self.model, self.layout, problem.x_test, problem.y_test, t_val)
-        vals = evaluate_runs(self.model, self.layout, problem.x_val, problem.y_val, t_val)
+        tests, vals = self.source.evaluate(self.model, self.layout, self.config.t_val)
         for run, test, val in zip(self.runs, tests, vals):
             if run.failed is None:
                 run.evaluations.add(step, test, val, run.lam)
@@ -245,8 +215,8 @@ class _Engine:
         return {"step": step + 1, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "wall_s": self.wall(),
                 "online": None if self.online is None else self.online.state_dict(),
-                "runs": [{"train": run.train_batches.state_dict(), "val": run.val_batches.state_dict(),
-                          "strategy": run.strategy.state_dict(), "lam": list(run.lam.as_tuple()),
+                "source": self.source.state_dict(),
+                "runs": [{"strategy": run.strategy.state_dict(), "lam": list(run.lam.as_tuple()),
                           "history": run.history, "evals": run.evaluations.points,
                           "best": [run.evaluations.best_val, run.evaluations.test_at_best],
                           "hypergrad_evals": run.hypergrad_evals, "nonfinite": run.nonfinite, "failed": run.failed}
@@ -259,9 +229,8 @@ class _Engine:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.online is not None:
             self.online.load_state_dict(state["online"])
+        self.source.load_state_dict(state["source"])
         for run, saved in zip(self.runs, state["runs"]):
-            run.train_batches.load_state_dict(saved["train"])
-            run.val_batches.load_state_dict(saved["val"])
             run.strategy.load_state_dict(saved["strategy"])
             run.lam = Metaparameters(*saved["lam"])
             run.history = saved["history"]
@@ -317,7 +286,7 @@ def _load_checkpoint(path: Path | None, identity: dict[str, Any]) -> dict | None
     return saved
 
 
-def _one_at_a_time(problem: Problem, strategies: list[Strategy], config: TrainConfig, seeds: list[int],
+def _one_at_a_time(problem: Data, strategies: list[Strategy], config: TrainConfig, seeds: list[int],
                    progress: Progress | None, checkpoint: Path | None, identity: Any,
                    checkpoint_every_s: float) -> list[Outcome]:
     """The runs of a student that cannot be stacked, one after another through the same loop."""
@@ -333,11 +302,13 @@ def _one_at_a_time(problem: Problem, strategies: list[Strategy], config: TrainCo
     return outcomes
 
 
-def train_runs(problem: Problem, strategies: list[Strategy], config: TrainConfig, seeds: list[int],
+def train_runs(problem: Data, strategies: list[Strategy], config: TrainConfig, seeds: list[int],
                progress: Progress | None = None, checkpoint: Path | None = None, identity: Any = None,
                checkpoint_every_s: float = 30.0, parallel: Parallel | None = None) -> list[Outcome]:
     """Train one run per seed (strategies[r] chooses run r's lambda); outcome r is its RunResult, or its
-    DivergenceError when it diverged. Stackable students train together, others one at a time.
+    DivergenceError when it diverged. Stackable students train together, others one at a time. `problem`
+    is the data in memory (Problem: each run draws its own seeded batches) or loaders (Loaders: the
+    loader's batches, the same for every run; a teacher module runs on each train batch).
 
     With `checkpoint`, the whole state is saved there (atomically, weights only) at the end of an epoch
     once `checkpoint_every_s` seconds have passed since the last save, and a checkpoint of these exact
@@ -348,6 +319,9 @@ def train_runs(problem: Problem, strategies: list[Strategy], config: TrainConfig
         raise ValueError("train_runs needs one strategy per seed, and at least one seed")
     if len({s.settings()["name"] for s in strategies}) != 1:
         raise ValueError("the runs trained together must use one method")
+    if checkpoint is not None and isinstance(problem, Loaders):
+        raise ValueError("runs from loaders cannot checkpoint (a loader's position cannot be saved); pass "
+                         "checkpoint=None, or the data in memory as a Problem")
     try:
         engine = _Engine(problem, strategies, config, seeds, parallel or Parallel())
     except NotImplementedError:  # a student that cannot be stacked
@@ -375,7 +349,7 @@ def train_runs(problem: Problem, strategies: list[Strategy], config: TrainConfig
     return engine.outcomes()
 
 
-def fit(problem: Problem, strategy: Strategy, config: TrainConfig, seed: int, progress: Progress | None = None
+def fit(problem: Data, strategy: Strategy, config: TrainConfig, seed: int, progress: Progress | None = None
         ) -> RunResult:
     """Train a fresh student with `strategy` choosing lambda at every step; `seed` fixes its initial weights
     and data order. Raises DivergenceError when the training loss becomes non-finite (or the hypergradients
@@ -386,7 +360,7 @@ def fit(problem: Problem, strategy: Strategy, config: TrainConfig, seed: int, pr
     return outcome
 
 
-def fit_batched(problem: Problem, strategies: list[Strategy], config: TrainConfig, seeds: list[int],
+def fit_batched(problem: Data, strategies: list[Strategy], config: TrainConfig, seeds: list[int],
                 progress: Progress | None = None, checkpoint: Path | None = None, identity: Any = None,
                 checkpoint_every_s: float = 30.0) -> list[Outcome]:
     """`fit` for R = len(seeds) runs at once (see `train_runs`); outcome r is run r's RunResult or its

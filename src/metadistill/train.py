@@ -82,8 +82,7 @@ class Schedule:
     eval_every: int
 
     @classmethod
-    def of(cls, config: TrainConfig, n_train: int) -> Schedule:
-        steps_per_epoch = 1 if config.batch_size <= 0 else math.ceil(n_train / config.batch_size)
+    def of(cls, config: TrainConfig, steps_per_epoch: int) -> Schedule:
         return cls(steps_per_epoch, steps_per_epoch * config.epochs, config.eval_every or steps_per_epoch)
 
     def ends_epoch(self, step: int) -> bool:
