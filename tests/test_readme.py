@@ -24,3 +24,12 @@ def test_api_example_runs(capsys):
     assert 0 <= accuracy <= 1 and 0 <= lambda1 <= 1 and 0.1 <= temperature <= 10
     steps = 5 * 7  # 5 epochs of ceil(400 / 64) = 7 steps
     assert hypergrads == sum(1 for t in range(steps) if (t // 10) % 2 == 0)
+
+
+def test_own_loop_example_runs(capsys):
+    """The ResNet-18 -> MobileNetV3-Small example with MetaDistiller, as written."""
+    code = re.findall(r"```python\n(.*?)```", README, flags=re.S)[1]
+    assert "MetaDistiller" in code and "mobilenet_v3_small" in code
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.startswith("lambda1 ") and printed.strip().endswith("12 hypergradients")

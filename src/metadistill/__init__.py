@@ -1,5 +1,6 @@
 """metadistill: gradient-based tuning of knowledge-distillation metaparameters (lambda1, T)."""
 
+from .distiller import MetaDistiller
 from .engine import evaluate, fit, fit_batched, train_runs
 from .hypergrad import HYPERGRADIENT_METHODS, OnlineTangent, greedy_hypergradient, unrolled_hypergradient
 from .identity import PACKAGE_VERSION
@@ -33,6 +34,7 @@ __all__ = [
     "Fixed",
     "Gradient",
     "LinearTrajectory",
+    "MetaDistiller",
     "MetaOptimizer",
     "Metaparameters",
     "Online",

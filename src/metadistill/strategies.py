@@ -182,14 +182,15 @@ class Gradient(Strategy):
     """A hypergradient step on lambda after every training step: the greedy (one-step) hypergradient, or
     with a `horizon` the online one (see Horizon).
 
-    Starts from `lambda1` / `temperature` where given, else from the run's random draw.
+    Starts from `lambda1` = 0.5 and `temperature` = 1 unless told otherwise; None means the run's random
+    draw (`random_metaparameters(seed)`, the paper's convention, which `metadistill reproduce` follows).
     """
 
     name = "gradient"
     uses_hypergradient = True
 
-    def __init__(self, meta: MetaOptimizer | None = None, lambda1: float | None = None,
-                 temperature: float | None = None, horizon: Horizon | None = None, name: str | None = None) -> None:
+    def __init__(self, meta: MetaOptimizer | None = None, lambda1: float | None = 0.5,
+                 temperature: float | None = 1.0, horizon: Horizon | None = None, name: str | None = None) -> None:
         super().__init__()
         self.horizon = horizon
         self.name = name or self.name
@@ -235,8 +236,8 @@ class Online(Gradient):
 
     name = "online"
 
-    def __init__(self, meta: MetaOptimizer | None = None, lambda1: float | None = None,
-                 temperature: float | None = None, horizon: Horizon | None = None, name: str | None = None) -> None:
+    def __init__(self, meta: MetaOptimizer | None = None, lambda1: float | None = 0.5,
+                 temperature: float | None = 1.0, horizon: Horizon | None = None, name: str | None = None) -> None:
         super().__init__(meta, lambda1, temperature, horizon or Horizon(), name)
 
 
@@ -299,7 +300,7 @@ class LinearTrajectory(Gradient):
     name = "proposed"
 
     def __init__(self, window: int = 10, period: int = 2, meta: MetaOptimizer | None = None,
-                 lambda1: float | None = None, temperature: float | None = None, horizon: Horizon | None = None,
+                 lambda1: float | None = 0.5, temperature: float | None = 1.0, horizon: Horizon | None = None,
                  name: str | None = None, predictor: str = "line") -> None:
         super().__init__(meta, lambda1, temperature, horizon, name)
         if not (isinstance(window, int) and window >= (3 if predictor == "quadratic" else 2)):
