@@ -184,3 +184,40 @@ def test_online_cuda_equals_cpu(hessian):
     cuda = fit(problem(), make(), dataclasses.replace(CONFIG, device="cuda"), seed=1)
     for key in ("lambda1", "temperature", "train_loss"):
         np.testing.assert_allclose(cuda.history[key], cpu.history[key], rtol=1e-7, atol=1e-10, err_msg=key)
+
+
+@pytest.mark.parametrize("decay", [0.0, 1e-2])
+def test_online_through_adam_is_the_derivative_of_the_unrolled_adam_steps(decay):
+    """With Adam, Z carries the tangents of both moments: gamma = 1 with lambda held fixed is the exact derivative
+    of L_val after K Adam steps (double backward through the steps written out, moments included)."""
+    config = dataclasses.replace(CONFIG, epochs=1, optimizer="adam", lr=0.05, momentum=0.0, weight_decay=decay)
+    data = problem()
+    strategy = Watching(horizon=Horizon(1.0, "exact"))
+    fit(data, strategy, config, seed=2)
+    from metadistill.problem import batch_streams
+
+    train, val = batch_streams(data, config.batch_size, 0, 2, torch.device("cpu"))
+    indices, val_indices = [next(train) for _ in range(3)], [next(val) for _ in range(3)]
+    torch.manual_seed(2)
+    model = data.make_student()
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    lam_t = torch.tensor([0.4, 2.5], requires_grad=True)
+    w = dict(params)
+    m = {n: torch.zeros_like(p) for n, p in w.items()}
+    v = {n: torch.zeros_like(p) for n, p in w.items()}
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    for k, index in enumerate(indices, start=1):
+        z = functional_call(model, (w, {}), (data.x_train[index],))
+        teacher = data.teacher_train[index]
+        loss = lam_t[0] * F.cross_entropy(z, data.y_train[index]) + (1 - lam_t[0]) * F.kl_div(
+            F.log_softmax(z / lam_t[1], 1), F.log_softmax(teacher / lam_t[1], 1), reduction="batchmean",
+            log_target=True)
+        grads = dict(zip(w, torch.autograd.grad(loss, list(w.values()), create_graph=True)))
+        g = {n: grads[n] + config.weight_decay * w[n] for n in w}
+        m = {n: beta1 * m[n] + (1 - beta1) * g[n] for n in w}
+        v = {n: beta2 * v[n] + (1 - beta2) * g[n] * g[n] for n in w}
+        w = {n: w[n] - config.lr * (m[n] / (1 - beta1**k)) / ((v[n] / (1 - beta2**k)).sqrt() + eps) for n in w}
+        zv = functional_call(model, (w, {}), (data.x_val[val_indices[k - 1]],))
+        expected = torch.autograd.grad(F.cross_entropy(zv, data.y_val[val_indices[k - 1]]), lam_t,
+                                       retain_graph=True)[0]
+        torch.testing.assert_close(strategy.seen[k - 1], expected, rtol=1e-7, atol=1e-12)
