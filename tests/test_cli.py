@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from metadistill.cli import main
-from metadistill.config import METHODS
+from metadistill.config import DEFAULT_METHODS as METHODS
 
 FAST = ["--set", "epochs=40", "--set", "eval_every=20", "--set", "teacher_steps=2000", "--quiet"]
 

@@ -19,6 +19,7 @@ import torch
 from . import strategies
 from .hypergrad import HESSIANS
 from .meta import LAMBDA1_BOUNDS, TEMPERATURE_BOUNDS, Metaparameters
+from .optuna_search import PRUNERS
 from .steps import HYPERGRADIENT_METHODS
 from .teacher_models import TEACHERS
 from .train import OPTIMIZERS, TrainConfig
@@ -28,8 +29,10 @@ DATASETS = ("synthetic", "fashion-mnist", "cifar10-reduced", "cifar10")
 # Settings that say where things are or how fast they run, not what is computed: a finished run is
 # reused whatever their values.
 NOT_IDENTITY = ("threads", "batch_runs", "data_dir", "download", "cache_dir")
-METHODS = ("no_distillation", "naive", "random", "gradient", "hyperopt", "proposed", "online", "proposed_online")
+METHODS = ("no_distillation", "naive", "random", "gradient", "hyperopt", "proposed", "online", "proposed_online",
+           "optuna")
 PAPER_METHODS = METHODS[:6]
+DEFAULT_METHODS = METHODS[:8]  # what reproduce runs unless told; the optuna baseline is opt-in (--methods)
 METHOD_HELP = {
     "no_distillation": "lambda1 = 1 (hard labels only)",
     "naive": "lambda1 = 0.5, T = 1, fixed (or --set lambda1=.. temperature=..)",
@@ -39,6 +42,7 @@ METHOD_HELP = {
     "proposed": "hypergradients in gradient windows, linear predictions in between",
     "online": "long-horizon (online) hypergradient on lambda at every step (gamma, hessian)",
     "proposed_online": "the proposed windows and predictions over the online hypergradient",
+    "optuna": "Optuna TPE with a pruner over fixed lambda, in the step budget of optuna_budget trainings",
 }
 GRADIENT_METHODS = ("gradient", "proposed", "online", "proposed_online")
 # Settings that apply only to some methods (the others ignore them, and they are left out of those runs'
@@ -55,6 +59,8 @@ METHOD_SETTINGS = {
     "gamma": ("online", "proposed_online"),
     "hessian": ("online", "proposed_online"),
     "hyperopt_trials": ("hyperopt",),
+    "optuna_budget": ("optuna",),
+    "optuna_pruner": ("optuna",),
 }
 SYNTHETIC_ONLY = ("teacher_steps",)
 IMAGE_ONLY = ("subset", "teacher_arch", "teacher_epochs", "teacher_batch_size")
@@ -93,6 +99,8 @@ class ExperimentConfig(TrainConfig):
     gamma: float = 0.99  # online methods: Z decays by gamma before every step (0: the greedy hypergradient)
     hessian: str = "exact"  # online methods: carry Z through each step's curvature ("exact") or not ("identity")
     hyperopt_trials: int = 5
+    optuna_budget: float = 6.0  # the optuna baseline's budget in full trainings' student steps (hyperopt's: 5 + 1)
+    optuna_pruner: str = "median"  # median or halving (successive halving)
     # data and teacher
     data_seed: int = 0  # synthetic data draw; seed of the teacher's training
     subset: int = 0  # image datasets: 0 = all; N = first N train, N // 4 validation, N // 2 test images
@@ -123,6 +131,8 @@ class ExperimentConfig(TrainConfig):
             (self.hessian in HESSIANS, f"hessian must be one of {', '.join(HESSIANS)}"),
             (self.period >= 1, f"period must be >= 1, got {self.period}"),
             (self.hyperopt_trials >= 1, f"hyperopt_trials must be >= 1, got {self.hyperopt_trials}"),
+            (math.isfinite(self.optuna_budget) and self.optuna_budget >= 1,
+             f"optuna_budget must be >= 1 (full trainings), got {self.optuna_budget}"),
             (self.teacher_steps >= 1, "teacher_steps must be >= 1"),
             (math.isfinite(self.teacher_lr) and self.teacher_lr > 0, "teacher_lr must be > 0"),
             (self.data_seed >= 0, "data_seed must be >= 0"),
@@ -187,7 +197,7 @@ class ExperimentConfig(TrainConfig):
 
 
 _CHOICES = {"optimizer": OPTIMIZERS, "predictor": strategies.PREDICTORS, "meta_optimizer": strategies.META_OPTIMIZERS,
-            "hessian": HESSIANS,
+            "hessian": HESSIANS, "optuna_pruner": PRUNERS,
             "hypergrad_method": HYPERGRADIENT_METHODS, "dataset": DATASETS, "adam_update": ADAM_UPDATES}
 
 

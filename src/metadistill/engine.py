@@ -138,6 +138,7 @@ class _Engine:
         horizon = getattr(strategies[0], "horizon", None)
         self.online = None if horizon is None or horizon.gamma == 0 else OnlineTangent(horizon.gamma, horizon.hessian)
         self.started, self.earlier_wall = time.perf_counter(), 0.0
+        self.steps_done = 0
         self.taken: TakenStep | None = None
         self.wants: list[bool] = []
         self.rows: Tensor | None = None
@@ -238,6 +239,7 @@ class _Engine:
             run.hypergrad_evals, run.nonfinite = saved["hypergrad_evals"], saved["nonfinite"]
             run.failed = saved["failed"]
         self.earlier_wall = state["wall_s"]
+        self.steps_done = state["step"]
         return state["step"]
 
     def outcomes(self) -> list[Outcome]:
@@ -256,7 +258,7 @@ class _Engine:
                 method=run.strategy.name, seed=run.seed, final_test_acc=final["test_acc"],
                 final_val_acc=final["val_acc"], best_val_acc=run.evaluations.best_val,
                 test_acc_at_best_val=run.evaluations.test_at_best, final_lambda1=run.lam.lambda1,
-                final_temperature=run.lam.temperature, steps=self.schedule.total_steps,
+                final_temperature=run.lam.temperature, steps=self.steps_done,
                 hypergrad_evals=run.hypergrad_evals, full_trainings=1, wall_s=share,
                 nonfinite_hypergrads=run.nonfinite, history=run.history, evals=run.evaluations.points,
                 extra={**extra, **self.parallel.facts()}))
@@ -304,7 +306,8 @@ def _one_at_a_time(problem: Data, strategies: list[Strategy], config: TrainConfi
 
 def train_runs(problem: Data, strategies: list[Strategy], config: TrainConfig, seeds: list[int],
                progress: Progress | None = None, checkpoint: Path | None = None, identity: Any = None,
-               checkpoint_every_s: float = 30.0, parallel: Parallel | None = None) -> list[Outcome]:
+               checkpoint_every_s: float = 30.0, parallel: Parallel | None = None,
+               on_evaluation: Callable[[int, list[dict]], bool] | None = None) -> list[Outcome]:
     """Train one run per seed (strategies[r] chooses run r's lambda); outcome r is its RunResult, or its
     DivergenceError when it diverged. Stackable students train together, others one at a time. `problem`
     is the data in memory (Problem: each run draws its own seeded batches) or loaders (Loaders: the
@@ -314,6 +317,8 @@ def train_runs(problem: Data, strategies: list[Strategy], config: TrainConfig, s
     once `checkpoint_every_s` seconds have passed since the last save, and a checkpoint of these exact
     runs (`identity`, settings, strategies, seeds, data, code version) is resumed from, so an interrupted
     batch loses little. wall_s of each run is the wall time (summed over resumptions) divided by R.
+    `on_evaluation(step, [each run's last evaluation point])` is called after every evaluation; when it
+    returns True the runs stop there (a pruned trial, say), and their results count the steps taken.
     """
     if len(strategies) != len(seeds) or not seeds:
         raise ValueError("train_runs needs one strategy per seed, and at least one seed")
@@ -334,8 +339,11 @@ def train_runs(problem: Data, strategies: list[Strategy], config: TrainConfig, s
         engine.advance(step)
         if engine.schedule.ends_epoch(step):
             engine.scheduler.step()
+        stop = False
         if engine.schedule.evaluates(step):
             engine.evaluate(step + 1)
+            stop = on_evaluation is not None and on_evaluation(step + 1, [
+                run.evaluations.points[-1] if run.evaluations.points else {} for run in engine.runs])
         if (checkpoint is not None and engine.schedule.ends_epoch(step) and step + 1 < engine.schedule.total_steps
                 and time.perf_counter() - last_saved >= checkpoint_every_s):
             buffer = io.BytesIO()
@@ -344,7 +352,8 @@ def train_runs(problem: Data, strategies: list[Strategy], config: TrainConfig, s
             last_saved = time.perf_counter()
         if progress is not None:
             progress(step + 1, engine.schedule.total_steps)
-        if all(run.failed is not None for run in engine.runs):
+        engine.steps_done = step + 1
+        if stop or all(run.failed is not None for run in engine.runs):
             break
     return engine.outcomes()
 

@@ -19,9 +19,10 @@ from .records import CONFIG, finished_runs, load_history  # noqa: E402
 # hypergradient evaluation is counted as 1.5 plain-step equivalents on top of its step.
 HYPERGRADIENT_COST = 1.5
 COLORS = dict(zip(METHODS, ["#7f7f7f", "#bcbd22", "#17becf", "#d62728", "#9467bd", "#1f77b4", "#2ca02c",
-                            "#ff7f0e"], strict=True))
+                            "#ff7f0e", "#8c564b"], strict=True))
 LABELS = {"no_distillation": "no distillation", "naive": "naive", "random": "random", "gradient": "gradient",
-          "hyperopt": "hyperopt", "proposed": "proposed", "online": "online", "proposed_online": "proposed online"}
+          "hyperopt": "hyperopt", "proposed": "proposed", "online": "online", "proposed_online": "proposed online",
+          "optuna": "optuna"}
 
 
 def _runs(n: int) -> str:

@@ -57,6 +57,14 @@ class Loaders:
     steps_per_epoch: int | None = None  # default len(train)
 
 
+def steps_per_epoch(data: Problem | Loaders, batch_size: int) -> int:
+    """Optimizer steps in one epoch: one pass of the train loader, or of the train split in `batch_size`
+    batches (0: one full batch)."""
+    if isinstance(data, Loaders):
+        return data.steps_per_epoch or len(data.train)  # type: ignore[arg-type]
+    return 1 if batch_size <= 0 else -(-len(data.x_train) // batch_size)
+
+
 class IndexStream:
     """Shuffled index batches of range(n): a fresh permutation per pass, split into batches of `size`
     (0, or >= n: the whole permutation is one batch), with a state a checkpoint can hold."""
@@ -132,7 +140,7 @@ class MemorySource:
         self.problem = problem.to(device)
         self.make_student = problem.make_student
         self.streams = [batch_streams(self.problem, batch_size, val_batch_size, seed, device) for seed in seeds]
-        self.steps_per_epoch = 1 if batch_size <= 0 else -(-len(problem.x_train) // batch_size)
+        self.steps_per_epoch = steps_per_epoch(problem, batch_size)
 
     def train_batch(self, runs: Runs, shard: Shard) -> tuple[Tensor, Tensor, Tensor]:
         index = [next(train) for train, _ in self.streams]
@@ -169,7 +177,7 @@ class LoaderSource:
     def __init__(self, loaders: Loaders, device: torch.device) -> None:
         self.loaders, self.device = loaders, device
         self.make_student = loaders.make_student
-        self.steps_per_epoch = loaders.steps_per_epoch or len(loaders.train)  # type: ignore[arg-type]
+        self.steps_per_epoch = steps_per_epoch(loaders, 0)
         self.train_iter: Iterator | None = None
         self.val_iter: Iterator | None = None
         if isinstance(loaders.teacher, nn.Module):

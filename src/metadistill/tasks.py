@@ -17,7 +17,9 @@ from .data.vision import VisionData, load_vision
 from .engine import Outcome, fit_batched
 from .identity import code_version
 from .models import STUDENTS
+from .optuna_search import optuna_search
 from .problem import Problem
+from .results import DivergenceError
 from .search import hyperopt_search_batched
 from .teacher import TeacherResult, entry_name, get_teacher
 
@@ -82,6 +84,15 @@ def run_identity(config: ExperimentConfig, method: str, seed: int, context: dict
     return {**identity, "method": method, "seed": seed, **context}
 
 
+def _optuna_run(config: ExperimentConfig, problem: Problem, seed: int, checkpoint_dir: Path, identity: Any,
+                progress: Callable[[int, int], None] | None) -> Outcome:
+    try:
+        return optuna_search(problem, config.train_config(), seed, config.optuna_budget, config.optuna_pruner,
+                             progress, checkpoint_dir, identity)
+    except DivergenceError as error:
+        return error
+
+
 @dataclasses.dataclass
 class Task:
     """One unit of work: the pending runs `seeds` of `method`, trained together (one at a time if alone)."""
@@ -108,5 +119,8 @@ def run_task(config: ExperimentConfig, problem: Problem, task: Task, out: Path, 
     if task.method == "hyperopt":
         return hyperopt_search_batched(problem, train_config, task.seeds, config.hyperopt_trials, progress,
                                        checkpoint_dir, identity)
+    if task.method == "optuna":  # pruned trials end at different steps: one run, one trial at a time
+        return [_optuna_run(config, problem, seed, checkpoint_dir / f"seed_{seed}", identity[i], progress)
+                for i, seed in enumerate(task.seeds)]
     return fit_batched(problem, [config.strategy(task.method) for _ in task.seeds], train_config, task.seeds,
                        progress, checkpoint_dir / "train.ckpt", identity)
