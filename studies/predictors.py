@@ -8,9 +8,10 @@ cycle (z = m .. P*m - 1) are what it should have predicted. The predictors are t
 (`strategies.fit_predictor` / `predict`), fitted in the "sgd" meta-optimizer's coordinates (lambda1, T)
 or, with --coordinates unconstrained, in (logit lambda1, log T).
 
-Printed per predictor: the median over cycles (all runs pooled) of the mean absolute error over the
-prediction windows, for lambda1 and for log10 T, and the fraction of cycles in which it beats holding the
-last value; and the R^2 of the paper's line over each gradient window (median), for lambda1 and log10 T.
+Printed per predictor: the median and the mean over cycles (all runs pooled) of the mean absolute error over
+the prediction windows, for lambda1 and for log10 T, and the fractions of cycles in which it predicts better
+and worse than holding the last value (ties, e.g. lambda1 resting at a bound, are neither); and the R^2 of the
+paper's line over each gradient window (median), for lambda1 and log10 T.
 
 Run: python studies/predictors.py RUN_DIR [RUN_DIR ...] [--window 10] [--period 2]
 (RUN_DIR: a records directory such as runs/fashion-mnist/gradient, or single run_NNN directories)
@@ -99,13 +100,19 @@ def main(argv: list[str] | None = None) -> None:
     cycles = len(pooled["hold"])
     print(f"{len(runs)} runs, {cycles} cycles of {args.window * args.period} steps (window {args.window}, period "
           f"{args.period}), predictions in {args.coordinates} coordinates")
-    print(f"{'predictor':<10} {'lambda1 MAE':>12} {'log10 T MAE':>12} {'beats hold (lambda1)':>21} {'(log10 T)':>10}")
+    print(f"{'predictor':<10} {'lambda1 MAE':>12} {'(mean)':>9} {'log10 T MAE':>12} {'(mean)':>9} "
+          f"{'vs hold, lambda1: better/worse':>31} {'log10 T: better/worse':>22}")
     hold = pooled["hold"]
     for kind in PREDICTORS:
         values = pooled[kind]
-        wins = [sum(a[i] < b[i] for a, b in zip(values, hold)) / cycles for i in (0, 1)]
+        better = [sum(a[i] < b[i] for a, b in zip(values, hold)) / cycles for i in (0, 1)]
+        worse = [sum(a[i] > b[i] for a, b in zip(values, hold)) / cycles for i in (0, 1)]
         print(f"{kind:<10} {statistics.median(v[0] for v in values):>12.2e} "
-              f"{statistics.median(v[1] for v in values):>12.2e} {wins[0]:>21.2f} {wins[1]:>10.2f}")
+              f"{statistics.mean(v[0] for v in values):>9.2e} {statistics.median(v[1] for v in values):>12.2e} "
+              f"{statistics.mean(v[1] for v in values):>9.2e} {better[0]:>23.2f}/{worse[0]:.2f} "
+              f"{better[1]:>17.2f}/{worse[1]:.2f}")
+    print("(MAE: median over cycles of the mean absolute error over a cycle's prediction windows; better/worse: "
+          "the fraction of cycles with a smaller/larger error than holding the last value, the rest ties)")
     r2 = [[v[i] for v in pooled["r2"] if not math.isnan(v[i])] for i in (0, 1)]
     print(f"window R^2 of the paper's line: lambda1 median {statistics.median(r2[0]):.2f}, "
           f"log10 T median {statistics.median(r2[1]):.2f}")
