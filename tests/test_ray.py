@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from metadistill.config import DEFAULT_METHODS
+
 GRID = ["reproduce", "--dataset", "synthetic", "--quick", "--runs", "2", "--quiet"]
 
 
@@ -60,7 +62,7 @@ def test_ray_grid_writes_the_same_records_and_report_as_in_process(tmp_path):
     assert done.returncode == 0, done.stderr
     assert not list(local.glob("synthetic/*/.batch_*")) and not list(on_ray.glob("synthetic/*/.batch_*"))
     expected, got = results(local), results(on_ray)
-    assert len(expected) == 12 and got == expected
+    assert len(expected) == 2 * len(DEFAULT_METHODS) and got == expected
     extras = [json.loads(p.read_text())["extra"] for p in on_ray.glob("synthetic/*/run_*/result.json")]
     assert all(extra["executor"] == "ray" for extra in extras)
 
