@@ -62,6 +62,14 @@ def test_a_cuda_device_the_machine_lacks_is_one_line_and_exit_2(gpus, device, ne
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
+def test_the_optuna_method_without_optuna_installed_is_one_line_and_exit_2(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna raises ImportError
+    code = main(["run", "--dataset", "synthetic", "--method", "optuna", "--out", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and lines == ["metadistill: error: method optuna needs optuna: pip install 'metadistill[optuna]'"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_input_in_a_real_process_has_no_traceback():
     done = cli("run", "--dataset", "synthetic", "--method", "naive", "--set", "lambda1=2")
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr

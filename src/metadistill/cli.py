@@ -184,6 +184,11 @@ def _experiment(args: argparse.Namespace, methods: list[str]) -> int:
             unused = sorted(given & set(config.ignored(method)))
             if unused:
                 print(f"note: {method} ignores {', '.join(unused)} (left out of its runs' identity)", file=sys.stderr)
+    if "optuna" in methods:
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError("method optuna needs optuna: pip install 'metadistill[optuna]'") from None
     check_writable(args.out)
     runs = args.runs or preset(args.dataset, args.quick).get("runs", 10)
     seeds = list(range(args.first_seed, args.first_seed + runs))

@@ -36,7 +36,7 @@ def _optuna() -> Any:
     try:
         import optuna
     except ImportError:
-        raise ImportError("the optuna method needs optuna: pip install optuna") from None
+        raise ImportError("the optuna method needs optuna: pip install 'metadistill[optuna]'") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
 
