@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from metadistill.config import METHODS, build_config
 from metadistill.engine import fit
+from metadistill.optuna_search import optuna_search
 from metadistill.problem import Loaders
 from metadistill.search import hyperopt_search
 from metadistill.tasks import load_problem, load_vision_config, train_or_load_teacher
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = build_config("fashion-mnist", ["epochs=1", "hyperopt_trials=2"])
+    config = build_config("fashion-mnist", ["epochs=1", "hyperopt_trials=2", "optuna_budget=3"])
     train_config = config.train_config()
     data = load_vision_config(config)
     problem, _ = load_problem(config, progress=False, data=data)
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
                    generator=torch.Generator().manual_seed(2)),
         DataLoader(TensorDataset(data.x_test, data.y_test), batch_size=1000), teacher, problem.make_student)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; 1 epoch "
-          f"({len(loaders.train)} steps), seed 0; hyperopt: 2 trials + 1 final, so 3 epochs")
+          f"({len(loaders.train)} steps), seed 0; hyperopt: 2 trials + 1 final, so 3 epochs; "
+          "optuna: a budget of 3 epochs")
     print(f"{'method':<16} {'memory s':>9} {'loaders s':>10} {'ratio':>6} {'memory acc':>11} {'loaders acc':>12}")
     for method in args.methods.split(","):
         row = []
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
             started = time.perf_counter()
             if method == "hyperopt":
                 result = hyperopt_search(source, train_config, 0, config.hyperopt_trials)
+            elif method == "optuna":
+                result = optuna_search(source, train_config, 0, config.optuna_budget, config.optuna_pruner)
             else:
                 result = fit(source, config.strategy(method), train_config, 0)
             row.append((time.perf_counter() - started, result.final_test_acc))

@@ -31,6 +31,25 @@ def test_synthetic_splits_and_features(problem):
     assert problem.teacher_train.shape == (SPLITS["train"], 2)
 
 
+def test_the_synthetic_teacher_is_plain_sgd_to_the_bit():
+    import torch.nn.functional as F
+
+    from metadistill.data.synthetic import TEACHER_FEATURES, sample
+    from metadistill.models import logistic_regression
+    problem, _ = synthetic_problem(3, 500, 0.05)
+    generator = torch.Generator().manual_seed(3)
+    parts = {name: sample(n, generator) for name, n in SPLITS.items()}
+    torch.manual_seed(3)
+    teacher = logistic_regression(len(TEACHER_FEATURES), 2)
+    optimizer = torch.optim.SGD(teacher.parameters(), lr=0.05)
+    for _ in range(500):
+        optimizer.zero_grad()
+        F.cross_entropy(teacher(parts["teacher"][0][:, TEACHER_FEATURES]), parts["teacher"][1]).backward()
+        optimizer.step()
+    with torch.no_grad():
+        assert torch.equal(teacher(parts["train"][0][:, TEACHER_FEATURES]), problem.teacher_train)
+
+
 @pytest.mark.parametrize("method", ["no_distillation", "naive", "random", "gradient", "proposed"])
 def test_fit_is_seeded_and_counts_cost(problem, method):
     config = build_config("synthetic", ["epochs=60", "eval_every=20", "window=4", "period=3"])
