@@ -25,14 +25,6 @@ from metadistill.train import TrainConfig
 SEEDS = [0, 1, 2]
 
 
-@pytest.fixture()
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def image_problem(n_train=64, n_val=32, n_test=32, make_student=fashion_student) -> Problem:
     g = torch.Generator().manual_seed(0)
     dtype = torch.get_default_dtype()

@@ -11,13 +11,7 @@ from metadistill import Gradient, MetaDistiller, Metaparameters
 from metadistill.distiller import OrderError
 from metadistill.strategies import Fixed, LinearTrajectory, MetaOptimizer
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def student():

@@ -11,14 +11,7 @@ from metadistill.hypergrad import greedy
 from metadistill.jvp import generic_jvp, record_activations, tape_jvp
 from metadistill.steps import Runs, take_step, validation_gradient
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    """The oracle comparisons run in float64; the default is restored for the other test modules."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class Functional(nn.Module):

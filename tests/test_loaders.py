@@ -19,12 +19,7 @@ from metadistill.train import TrainConfig
 CONFIG = TrainConfig(epochs=2, batch_size=8, lr=0.3, momentum=0.5, eval_every=10)
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def student():

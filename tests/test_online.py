@@ -16,13 +16,7 @@ from metadistill.problem import Problem
 from metadistill.strategies import Horizon, MetaOptimizer
 from metadistill.train import TrainConfig
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def mlp():
