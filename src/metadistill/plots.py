@@ -15,10 +15,10 @@ from .config import METHODS, method_order  # noqa: E402
 from .meta import LAMBDA1_BOUNDS, TEMPERATURE_BOUNDS  # noqa: E402
 from .records import CONFIG, finished_runs, load_history  # noqa: E402
 
-# What one hypergradient costs on top of its step, in plain steps (bench/hypergrad_cost.py on the Fashion-MNIST
-# student): the greedy jvp one about 1.5 (a step with it about 2.5 plain steps); the online one with
-# hessian "identity" about the same, with "exact" about 5.
-HYPERGRADIENT_COST = {"greedy": 1.5, "identity": 1.5, "exact": 5.0}
+# What one hypergradient costs on top of its step, in plain steps: bench/hypergrad_cost.py on the Fashion-MNIST
+# student, idle 2-core CPU (README, "Cost of a step"): a step with the greedy jvp one costs 2.59 plain steps, with
+# the online one 3.18 (hessian "identity") and 6.19 ("exact").
+HYPERGRADIENT_COST = {"greedy": 1.6, "identity": 2.2, "exact": 5.2}
 
 
 def _hypergradient_cost(run: dict) -> float:
@@ -160,7 +160,7 @@ def accuracy_vs_cost(dataset: str, by_method: dict[str, list[dict]], path: Path)
         ax.errorbar(cost.mean(), mean, yerr=yerr if len(acc) > 1 else None, fmt="D",
                     color=color, markersize=8, capsize=4, label=f"{LABELS.get(method, method)} (mean ± sd)")
     ax.set_xscale("log")
-    ax.set_xlabel("cost per run, plain-step equivalents (steps + c × hypergradients; c = "
+    ax.set_xlabel("cost per run, plain-step equivalents\n(steps + c × hypergradients; c = "
                   + ", ".join(f"{v} {k}" for k, v in HYPERGRADIENT_COST.items()) + ")")
     ax.set_ylabel("final test accuracy")
     ax.set_title(f"{dataset}: accuracy against cost (dots: runs; equal costs drawn side by side)", fontsize=10)
