@@ -22,6 +22,7 @@ from .config import (
 )
 from .data.vision import DataError
 from .experiment import EXECUTORS, GridDiverged, run_ddp, run_experiment
+from .optuna_search import require_optuna
 from .plots import write_figures
 from .records import RecordError, check_writable, finished_runs
 from .report import summarize, text_table, write_report
@@ -186,9 +187,9 @@ def _experiment(args: argparse.Namespace, methods: list[str]) -> int:
                 print(f"note: {method} ignores {', '.join(unused)} (left out of its runs' identity)", file=sys.stderr)
     if "optuna" in methods:
         try:
-            import optuna  # noqa: F401
-        except ImportError:
-            raise ConfigError("method optuna needs optuna: pip install 'metadistill[optuna]'") from None
+            require_optuna()
+        except ImportError as error:
+            raise ConfigError(str(error)) from None
     check_writable(args.out)
     runs = args.runs or preset(args.dataset, args.quick).get("runs", 10)
     seeds = list(range(args.first_seed, args.first_seed + runs))

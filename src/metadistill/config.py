@@ -45,6 +45,7 @@ METHOD_HELP = {
     "optuna": "Optuna TPE with a pruner over fixed lambda, in the step budget of optuna_budget trainings",
 }
 GRADIENT_METHODS = ("gradient", "proposed", "online", "proposed_online")
+ONLINE_METHODS = ("online", "proposed_online")  # the methods of the online hypergradient (gamma, hessian)
 # Settings that apply only to some methods (the others ignore them, and they are left out of those runs'
 # identity): setting -> the methods it applies to.
 METHOD_SETTINGS = {
@@ -56,8 +57,8 @@ METHOD_SETTINGS = {
     "hypergrad_method": ("gradient", "proposed"),
     "window": ("proposed", "proposed_online"),
     "period": ("proposed", "proposed_online"),
-    "gamma": ("online", "proposed_online"),
-    "hessian": ("online", "proposed_online"),
+    "gamma": ONLINE_METHODS,
+    "hessian": ONLINE_METHODS,
     "hyperopt_trials": ("hyperopt",),
     "optuna_budget": ("optuna",),
     "optuna_pruner": ("optuna",),

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .config import METHODS, ConfigError, ExperimentConfig
+from .config import METHODS, ONLINE_METHODS, ConfigError, ExperimentConfig
 from .engine import Outcome, batchable
 from .problem import Problem
 from .records import load_record, run_dir, save_diverged, save_run
@@ -159,7 +159,7 @@ def run_ddp(config: ExperimentConfig, method: str, seeds: list[int], out: Path, 
         raise ConfigError("--ddp trains one student with a metaparameter strategy; hyperopt is not supported")
     if config.hypergrad_method != "jvp":
         raise ConfigError("--ddp computes hypergradients by the jvp method only (DDP cannot double-backward)")
-    if method in ("online", "proposed_online"):
+    if method in ONLINE_METHODS:
         raise ConfigError("--ddp computes the greedy hypergradient only; run the online methods without --ddp")
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise ConfigError("--ddp runs under torchrun, e.g. torchrun --nproc-per-node 2 -m metadistill.cli run "

@@ -32,11 +32,12 @@ from .train import Schedule, TrainConfig
 PRUNERS = ("median", "halving")
 
 
-def _optuna() -> Any:
+def require_optuna() -> Any:
+    """The optuna module (quieted), or ImportError saying how to install it."""
     try:
         import optuna
     except ImportError:
-        raise ImportError("the optuna method needs optuna: pip install 'metadistill[optuna]'") from None
+        raise ImportError("method optuna needs optuna: pip install 'metadistill[optuna]'") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
 
@@ -45,7 +46,7 @@ class _Search:
     """One run's Optuna study, its finished trials kept as JSON so that it can be replayed."""
 
     def __init__(self, seed: int, pruner: str, state_path: Path | None, identity: Any) -> None:
-        self.optuna = _optuna()
+        self.optuna = require_optuna()
         self.seed, self.state_path, self.identity = seed, state_path, identity
         dist = self.optuna.distributions.FloatDistribution
         self.space = {"lambda1": dist(0.0, 1.0), "log10_temperature": dist(-1.0, 1.0)}

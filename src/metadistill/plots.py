@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .config import METHODS, method_order  # noqa: E402
+from .config import GRADIENT_METHODS, METHODS, ONLINE_METHODS, method_order  # noqa: E402
 from .meta import LAMBDA1_BOUNDS, TEMPERATURE_BOUNDS  # noqa: E402
 from .records import CONFIG, finished_runs, load_history  # noqa: E402
 
@@ -19,22 +19,27 @@ from .records import CONFIG, finished_runs, load_history  # noqa: E402
 # student, idle 2-core CPU (README, "Cost of a step"): a step with the greedy jvp one costs 2.59 plain steps, with
 # the online one 3.18 (hessian "identity") and 6.19 ("exact").
 HYPERGRADIENT_COST = {"greedy": 1.6, "identity": 2.2, "exact": 5.2}
-
-
-def _hypergradient_cost(run: dict) -> float:
-    """The cost of one of the run's hypergradients (by its method and, for online ones, its hessian)."""
-    if run["method"] not in ("online", "proposed_online"):
-        return HYPERGRADIENT_COST["greedy"]
-    try:
-        hessian = json.loads((Path(run["dir"]) / CONFIG).read_text()).get("hessian", "exact")
-    except (OSError, ValueError, KeyError):
-        hessian = "exact"
-    return HYPERGRADIENT_COST.get(hessian, HYPERGRADIENT_COST["exact"])
 COLORS = dict(zip(METHODS, ["#7f7f7f", "#bcbd22", "#17becf", "#d62728", "#9467bd", "#1f77b4", "#2ca02c",
                             "#ff7f0e", "#8c564b"], strict=True))
 LABELS = {"no_distillation": "no distillation", "naive": "naive", "random": "random", "gradient": "gradient",
           "hyperopt": "hyperopt", "proposed": "proposed", "online": "online", "proposed_online": "proposed online",
           "optuna": "optuna"}
+
+
+def _run_config(run: dict) -> dict:
+    """The identity (config.json) of a finished run."""
+    return json.loads((Path(run["dir"]) / CONFIG).read_text())
+
+
+def _hypergradient_cost(run: dict) -> float:
+    """The cost of one of the run's hypergradients (by its method and, for online ones, its hessian)."""
+    if run["method"] not in ONLINE_METHODS:
+        return HYPERGRADIENT_COST["greedy"]
+    try:
+        hessian = _run_config(run).get("hessian", "exact")
+    except (OSError, ValueError, KeyError):
+        hessian = "exact"
+    return HYPERGRADIENT_COST.get(hessian, HYPERGRADIENT_COST["exact"])
 
 
 def _runs(n: int) -> str:
@@ -73,14 +78,14 @@ def _band(ax, x, values, color, label, log=False, bounds=None):
 def trajectories(dataset: str, by_method: dict[str, list[dict]], path: Path) -> Path | None:
     """lambda1 and T against step for gradient and proposed: every run (thin), mean +- sd (band); a zoom
     on run 0's first cycles shows the proposed method's hypergradient steps and predicted windows."""
-    methods = [m for m in ("gradient", "proposed", "online", "proposed_online") if m in by_method]
+    methods = [m for m in GRADIENT_METHODS if m in by_method]
     if not methods:
         return None
     histories = {m: [load_history(Path(r["dir"])) for r in by_method[m]] for m in methods}
     fig, axes = plt.subplots(2, 2, figsize=(12, 6.5), gridspec_kw={"width_ratios": [2, 1]})
     zoom_steps = None
     if "proposed" in methods:
-        config = json.loads((Path(by_method["proposed"][0]["dir"]) / CONFIG).read_text())
+        config = _run_config(by_method["proposed"][0])
         window, period = config["window"], config["period"]
         zoom_steps = min(4 * window * period, len(histories["proposed"][0]))
     rows = (("lambda1", "lambda1 (weight of hard labels)", False, LAMBDA1_BOUNDS),
