@@ -7,6 +7,7 @@ from .identity import PACKAGE_VERSION
 from .losses import distillation_loss, mixed_derivative, validation_loss
 from .meta import Metaparameters
 from .optuna_search import optuna_search
+from .pbt import pbt_search
 from .problem import Loaders, Problem
 from .results import DivergenceError, RunResult
 from .search import hyperopt_search, hyperopt_search_batched
@@ -56,6 +57,7 @@ __all__ = [
     "hyperopt_search_batched",
     "mixed_derivative",
     "optuna_search",
+    "pbt_search",
     "random_metaparameters",
     "take_step",
     "train_runs",

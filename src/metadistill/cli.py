@@ -23,6 +23,7 @@ from .config import (
 from .data.vision import DataError
 from .experiment import EXECUTORS, GridDiverged, run_ddp, run_experiment
 from .optuna_search import require_optuna
+from .pbt import require_tune
 from .plots import write_figures
 from .records import RecordError, check_writable, finished_runs
 from .report import summarize, text_table, write_report
@@ -106,7 +107,8 @@ def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
                         help="local: every task in this process (default); ray: each task (a method's batch of "
                              "batch_runs runs) as a Ray task declaring `threads` CPUs (1 if 0) and a GPU on cuda; "
                              "needs pip install 'metadistill[ray]'")
-    parser.add_argument("--ray-address", help="address of a running Ray cluster (default: start a local Ray runtime)")
+    parser.add_argument("--ray-address", help="address of a running Ray cluster, for --executor ray and the pbt "
+                                              "method (default: start a local Ray runtime)")
     parser.add_argument("--ray-num-cpus", type=_positive_int,
                         help="CPUs of the local Ray runtime (default: all); ignored with --ray-address")
 
@@ -185,16 +187,17 @@ def _experiment(args: argparse.Namespace, methods: list[str]) -> int:
             unused = sorted(given & set(config.ignored(method)))
             if unused:
                 print(f"note: {method} ignores {', '.join(unused)} (left out of its runs' identity)", file=sys.stderr)
-    if "optuna" in methods:
-        try:
-            require_optuna()
-        except ImportError as error:
-            raise ConfigError(str(error)) from None
+    for method, require in (("optuna", require_optuna), ("pbt", require_tune)):
+        if method in methods:
+            try:
+                require()
+            except ImportError as error:
+                raise ConfigError(str(error)) from None
     check_writable(args.out)
     runs = args.runs or preset(args.dataset, args.quick).get("runs", 10)
     seeds = list(range(args.first_seed, args.first_seed + runs))
-    if args.executor != "ray" and (args.ray_address or args.ray_num_cpus):
-        raise ConfigError("--ray-address and --ray-num-cpus need --executor ray")
+    if args.executor != "ray" and "pbt" not in methods and (args.ray_address or args.ray_num_cpus):
+        raise ConfigError("--ray-address and --ray-num-cpus need --executor ray or the pbt method")
     diverged: GridDiverged | None = None
     try:
         if getattr(args, "ddp", False):

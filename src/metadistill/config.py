@@ -30,9 +30,10 @@ DATASETS = ("synthetic", "fashion-mnist", "cifar10-reduced", "cifar10")
 # reused whatever their values.
 NOT_IDENTITY = ("threads", "batch_runs", "data_dir", "download", "cache_dir")
 METHODS = ("no_distillation", "naive", "random", "gradient", "hyperopt", "proposed", "online", "proposed_online",
-           "optuna")
+           "optuna", "pbt")
 PAPER_METHODS = METHODS[:6]
-DEFAULT_METHODS = METHODS[:8]  # what reproduce runs unless told; the optuna baseline is opt-in (--methods)
+DEFAULT_METHODS = METHODS[:8]  # what reproduce runs unless told; the optuna and pbt baselines are opt-in (--methods)
+SEARCH_METHODS = ("optuna", "pbt")  # searches that run one run at a time, each its own trainings (never batched)
 METHOD_HELP = {
     "no_distillation": "lambda1 = 1 (hard labels only)",
     "naive": "lambda1 = 0.5, T = 1, fixed (or --set lambda1=.. temperature=..)",
@@ -43,6 +44,7 @@ METHOD_HELP = {
     "online": "long-horizon (online) hypergradient on lambda at every step (gamma, hessian)",
     "proposed_online": "the proposed windows and predictions over the online hypergradient",
     "optuna": "Optuna TPE with a pruner over fixed lambda, in the step budget of optuna_budget trainings",
+    "pbt": "Ray Tune population-based training of pbt_population members, exploit/explore every pbt_interval steps",
 }
 GRADIENT_METHODS = ("gradient", "proposed", "online", "proposed_online")
 ONLINE_METHODS = ("online", "proposed_online")  # the methods of the online hypergradient (gamma, hessian)
@@ -62,6 +64,8 @@ METHOD_SETTINGS = {
     "hyperopt_trials": ("hyperopt",),
     "optuna_budget": ("optuna",),
     "optuna_pruner": ("optuna",),
+    "pbt_population": ("pbt",),
+    "pbt_interval": ("pbt",),
 }
 SYNTHETIC_ONLY = ("teacher_steps",)
 IMAGE_ONLY = ("subset", "teacher_arch", "teacher_epochs", "teacher_batch_size")
@@ -102,6 +106,8 @@ class ExperimentConfig(TrainConfig):
     hyperopt_trials: int = 5
     optuna_budget: float = 6.0  # the optuna baseline's budget in full trainings' student steps (hyperopt's: 5 + 1)
     optuna_pruner: str = "median"  # median or halving (successive halving)
+    pbt_population: int = 4  # the pbt baseline's members
+    pbt_interval: int = 0  # student steps between its exploit/explore decisions; 0: the evaluation interval
     # data and teacher
     data_seed: int = 0  # synthetic data draw; seed of the teacher's training
     subset: int = 0  # image datasets: 0 = all; N = first N train, N // 4 validation, N // 2 test images
@@ -134,6 +140,8 @@ class ExperimentConfig(TrainConfig):
             (self.hyperopt_trials >= 1, f"hyperopt_trials must be >= 1, got {self.hyperopt_trials}"),
             (math.isfinite(self.optuna_budget) and self.optuna_budget >= 1,
              f"optuna_budget must be >= 1 (full trainings), got {self.optuna_budget}"),
+            (self.pbt_population >= 2, f"pbt_population must be >= 2, got {self.pbt_population}"),
+            (self.pbt_interval >= 0, f"pbt_interval must be >= 0 (0: each evaluation), got {self.pbt_interval}"),
             (self.teacher_steps >= 1, "teacher_steps must be >= 1"),
             (math.isfinite(self.teacher_lr) and self.teacher_lr > 0, "teacher_lr must be > 0"),
             (self.data_seed >= 0, "data_seed must be >= 0"),
@@ -165,7 +173,8 @@ class ExperimentConfig(TrainConfig):
         return strategies.MetaOptimizer(self.meta_optimizer, self.meta_lr, self.meta_clip, self.meta_average)
 
     def strategy(self, method: str) -> strategies.Strategy:
-        """The strategy of `method` (every method but hyperopt, which runs whole trainings)."""
+        """The strategy of `method` (every method but the searches hyperopt, optuna and pbt, which run whole
+        trainings)."""
         init = (self.lambda1, self.temperature)
         horizon = strategies.Horizon(self.gamma, self.hessian)
         if method == "no_distillation":

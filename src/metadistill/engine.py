@@ -111,7 +111,7 @@ class _Run:
             self.failed = {"message": message, "step": step, "lam": list(self.lam.as_tuple())}
 
 
-class _Engine:
+class Engine:
     """The state of R runs trained together, and the parts of one loop iteration (see `train_runs`)."""
 
     def __init__(self, data: Problem | Loaders, strategies: list[Strategy], config: TrainConfig, seeds: list[int],
@@ -208,6 +208,19 @@ class _Engine:
         for run, test, val in zip(self.runs, tests, vals):
             if run.failed is None:
                 run.evaluations.add(step, test, val, run.lam)
+
+    def iterate(self, step: int, on_evaluation: Callable[[int, list[dict]], bool] | None = None) -> bool:
+        """One iteration of the loop: the real step, each run's next lambda, the lr schedule and, where the
+        schedule says, an evaluation; returns whether `on_evaluation` asked to stop."""
+        self.take(step)
+        self.advance(step)
+        if self.schedule.ends_epoch(step):
+            self.scheduler.step()
+        if not self.schedule.evaluates(step):
+            return False
+        self.evaluate(step + 1)
+        return on_evaluation is not None and on_evaluation(step + 1, [
+            run.evaluations.points[-1] if run.evaluations.points else {} for run in self.runs])
 
     def wall(self) -> float:
         return self.earlier_wall + time.perf_counter() - self.started
@@ -328,22 +341,14 @@ def train_runs(problem: Data, strategies: list[Strategy], config: TrainConfig, s
         raise ValueError("runs from loaders cannot checkpoint (a loader's position cannot be saved); pass "
                          "checkpoint=None, or the data in memory as a Problem")
     try:
-        engine = _Engine(problem, strategies, config, seeds, parallel or Parallel())
+        engine = Engine(problem, strategies, config, seeds, parallel or Parallel())
     except NotImplementedError:  # a student that cannot be stacked
         return _one_at_a_time(problem, strategies, config, seeds, progress, checkpoint, identity, checkpoint_every_s)
     key = checkpoint_identity(problem, strategies, config, seeds, identity) if checkpoint is not None else None
     saved = _load_checkpoint(checkpoint, key) if key is not None else None
     first, last_saved = (engine.load_state_dict(saved) if saved is not None else 0), time.perf_counter()
     for step in range(first, engine.schedule.total_steps):
-        engine.take(step)
-        engine.advance(step)
-        if engine.schedule.ends_epoch(step):
-            engine.scheduler.step()
-        stop = False
-        if engine.schedule.evaluates(step):
-            engine.evaluate(step + 1)
-            stop = on_evaluation is not None and on_evaluation(step + 1, [
-                run.evaluations.points[-1] if run.evaluations.points else {} for run in engine.runs])
+        stop = engine.iterate(step, on_evaluation)
         if (checkpoint is not None and engine.schedule.ends_epoch(step) and step + 1 < engine.schedule.total_steps
                 and time.perf_counter() - last_saved >= checkpoint_every_s):
             buffer = io.BytesIO()

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .config import METHODS, ONLINE_METHODS, ConfigError, ExperimentConfig
+from .config import METHODS, ONLINE_METHODS, SEARCH_METHODS, ConfigError, ExperimentConfig
 from .engine import Outcome, batchable
 from .problem import Problem
 from .records import load_record, run_dir, save_diverged, save_run
@@ -58,9 +58,10 @@ class Grid:
         return run_dir(self.out, self.config.dataset, method, seed)
 
     def tasks(self, batch_size: int) -> list[Task]:
-        """The pending runs of each method, `batch_size` to a task."""
-        return [Task(method, seeds[i:i + batch_size]) for method, seeds in self.pending.items()
-                for i in range(0, len(seeds), batch_size)]
+        """The pending runs of each method, `batch_size` to a task (one to a task for the searches that run
+        their own trainings, so that each run is recorded as soon as it finishes)."""
+        return [Task(method, seeds[i:i + size]) for method, seeds in self.pending.items()
+                for size in [1 if method in SEARCH_METHODS else batch_size] for i in range(0, len(seeds), size)]
 
     def finish(self, task: Task, outcomes: list[Outcome], facts: dict[str, Any], quiet: bool,
                log: Callable[[str], None]) -> None:
@@ -136,16 +137,17 @@ def run_experiment(config: ExperimentConfig, methods: list[str], seeds: list[int
     if executor == "ray":
         from .ray_executor import run_on_ray
 
-        for task, outcomes in run_on_ray(config, tasks, out, ray_address, ray_num_cpus, quiet, log):
+        remote = [task for task in tasks if task.method != "pbt"]  # pbt's members are Ray actors already
+        for task, outcomes in run_on_ray(config, remote, out, ray_address, ray_num_cpus, quiet, log):
             grid.finish(task, outcomes, facts, quiet, log)
-        return grid.results(methods)
+        tasks = [task for task in tasks if task.method == "pbt"]
     for task in tasks:
         with _local_progress(config, task, quiet) as bar:
             def progress(done: int, total: int, bar: tqdm = bar) -> None:
                 bar.total = total
                 bar.update(done - bar.n)
 
-            outcomes = run_task(config, problem, task, out, grid.context, progress)
+            outcomes = run_task(config, problem, task, out, grid.context, progress, ray_address, ray_num_cpus)
         grid.finish(task, outcomes, facts, quiet, log)
     return grid.results(methods)
 
@@ -155,8 +157,8 @@ def run_ddp(config: ExperimentConfig, method: str, seeds: list[int], out: Path, 
     """The runs of `method`, each one student trained data-parallel by every rank of a torchrun launch
     (see ddp.fit_ddp). Rank 0 writes the records and gets {method: [result, ...]}; other ranks get None.
     The world size is part of the runs' identity."""
-    if method == "hyperopt":
-        raise ConfigError("--ddp trains one student with a metaparameter strategy; hyperopt is not supported")
+    if method in ("hyperopt", *SEARCH_METHODS):
+        raise ConfigError(f"--ddp trains one student with a metaparameter strategy; {method} is not supported")
     if config.hypergrad_method != "jvp":
         raise ConfigError("--ddp computes hypergradients by the jvp method only (DDP cannot double-backward)")
     if method in ONLINE_METHODS:

@@ -20,10 +20,10 @@ from .records import CONFIG, finished_runs, load_history  # noqa: E402
 # the online one 3.18 (hessian "identity") and 6.19 ("exact").
 HYPERGRADIENT_COST = {"greedy": 1.6, "identity": 2.2, "exact": 5.2}
 COLORS = dict(zip(METHODS, ["#7f7f7f", "#bcbd22", "#17becf", "#d62728", "#9467bd", "#1f77b4", "#2ca02c",
-                            "#ff7f0e", "#8c564b"], strict=True))
+                            "#ff7f0e", "#8c564b", "#e377c2"], strict=True))
 LABELS = {"no_distillation": "no distillation", "naive": "naive", "random": "random", "gradient": "gradient",
           "hyperopt": "hyperopt", "proposed": "proposed", "online": "online", "proposed_online": "proposed online",
-          "optuna": "optuna"}
+          "optuna": "optuna", "pbt": "pbt"}
 
 
 def _run_config(run: dict) -> dict:
@@ -76,9 +76,10 @@ def _band(ax, x, values, color, label, log=False, bounds=None):
 
 
 def trajectories(dataset: str, by_method: dict[str, list[dict]], path: Path) -> Path | None:
-    """lambda1 and T against step for gradient and proposed: every run (thin), mean +- sd (band); a zoom
-    on run 0's first cycles shows the proposed method's hypergradient steps and predicted windows."""
-    methods = [m for m in GRADIENT_METHODS if m in by_method]
+    """lambda1 and T against step for the gradient methods and pbt (its winning member's lineage): every run
+    (thin), mean +- sd (band); a zoom on run 0's first cycles shows the proposed method's hypergradient steps
+    and predicted windows."""
+    methods = [m for m in (*GRADIENT_METHODS, "pbt") if m in by_method]
     if not methods:
         return None
     histories = {m: [load_history(Path(r["dir"])) for r in by_method[m]] for m in methods}

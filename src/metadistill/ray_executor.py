@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .config import ConfigError, ExperimentConfig
 from .engine import Outcome
+from .runtime import ray_runtime, require_ray
 from .tasks import Task, context_of, load_problem, load_vision_config, run_task
 
 
@@ -46,17 +47,13 @@ def run_on_ray(config: ExperimentConfig, tasks: list, out: Path, address: str | 
                num_cpus: int | None = None, quiet: bool = False,
                log: Callable[[str], None] = print) -> Iterator[tuple]:
     """Yield (task, outcomes) for every task, in the order they finish."""
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("--executor ray needs ray: pip install 'metadistill[ray]'") from None
     if not tasks:
         return
-    started_here = not ray.is_initialized()
-    if started_here:
-        options = {"address": address} if address else {"num_cpus": num_cpus, "include_dashboard": False}
-        ray.init(**options, log_to_driver=not quiet, configure_logging=False)
     try:
+        require_ray("--executor ray")
+    except ImportError as error:
+        raise ConfigError(str(error)) from None
+    with ray_runtime(address, num_cpus, quiet) as ray:
         remote = ray.remote(_task).options(**resources(config), max_retries=0)
         values = dataclasses.asdict(config)
         pending = {remote.remote(values, task.method, task.seeds, str(Path(out).resolve())): task for task in tasks}
@@ -66,6 +63,3 @@ def run_on_ray(config: ExperimentConfig, tasks: list, out: Path, address: str | 
             done, _ = ray.wait(list(pending), num_returns=1)
             task = pending.pop(done[0])
             yield task, ray.get(done[0])
-    finally:
-        if started_here:
-            ray.shutdown()

@@ -1,10 +1,13 @@
-"""Process-wide settings that make training faster without changing any result."""
+"""Process-wide settings that make training faster without changing any result, and the Ray runtime."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -29,3 +32,29 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+
+
+def require_ray(needs: str) -> Any:
+    """The ray module, or ImportError saying that `needs` needs it and how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ImportError(f"{needs} needs ray: pip install 'metadistill[ray]'") from None
+    return ray
+
+
+@contextlib.contextmanager
+def ray_runtime(address: str | None = None, num_cpus: int | None = None, quiet: bool = False,
+                needs: str = "--executor ray") -> Iterator[Any]:
+    """The ray module, connected: to the cluster at `address`, to the runtime already started in this process,
+    or to a local runtime of `num_cpus` CPUs (all by default) started here and shut down on leaving."""
+    ray = require_ray(needs)
+    started_here = not ray.is_initialized()
+    if started_here:
+        options = {"address": address} if address else {"num_cpus": num_cpus, "include_dashboard": False}
+        ray.init(**options, log_to_driver=not quiet, configure_logging=False)
+    try:
+        yield ray
+    finally:
+        if started_here:
+            ray.shutdown()

@@ -39,8 +39,9 @@ class Horizon:
             raise ValueError(f"hessian must be one of {', '.join(HESSIANS)}, got {self.hessian!r}")
 
 
-def random_metaparameters(seed: int) -> Metaparameters:
-    """The run's random draw: lambda1 ~ U(0, 1), log10 T ~ U(-1, 1); the same for every method of run `seed`."""
+def random_metaparameters(seed: int | list[int]) -> Metaparameters:
+    """The run's random draw: lambda1 ~ U(0, 1), log10 T ~ U(-1, 1); the same for every method of run `seed`
+    (a list of ints seeds a draw of its own: the pbt method's member k of run s draws with [s, k])."""
     rng = np.random.default_rng(seed)
     lambda1, log10_t = rng.uniform(0.0, 1.0), rng.uniform(-1.0, 1.0)
     return Metaparameters.clamped(float(lambda1), float(10.0**log10_t))

@@ -18,8 +18,10 @@ from .engine import Outcome, fit_batched
 from .identity import code_version
 from .models import STUDENTS
 from .optuna_search import optuna_search
+from .pbt import pbt_search
 from .problem import Problem
 from .results import DivergenceError
+from .runtime import ray_runtime
 from .search import hyperopt_search_batched
 from .teacher import TeacherResult, entry_name, get_teacher
 
@@ -93,6 +95,16 @@ def _optuna_run(config: ExperimentConfig, problem: Problem, seed: int, checkpoin
         return error
 
 
+def _pbt_run(config: ExperimentConfig, problem: Problem, seed: int, checkpoint_dir: Path, identity: Any,
+             ray_address: str | None, ray_num_cpus: int | None, progress: Callable[[int, int], None] | None
+             ) -> Outcome:
+    try:
+        return pbt_search(problem, config.train_config(), seed, config.pbt_population, config.pbt_interval,
+                          ray_address, ray_num_cpus, config.threads or 1, checkpoint_dir, identity, progress)
+    except DivergenceError as error:
+        return error
+
+
 @dataclasses.dataclass
 class Task:
     """One unit of work: the pending runs `seeds` of `method`, trained together (one at a time if alone)."""
@@ -110,9 +122,11 @@ class Task:
 
 
 def run_task(config: ExperimentConfig, problem: Problem, task: Task, out: Path, context: dict[str, Any],
-             progress: Callable[[int, int], None] | None = None) -> list[Outcome]:
+             progress: Callable[[int, int], None] | None = None, ray_address: str | None = None,
+             ray_num_cpus: int | None = None) -> list[Outcome]:
     """Train the task's runs together (see engine.train_runs), checkpointing under `out` so that an
-    interrupted task resumes; outcome per seed: RunResult or DivergenceError."""
+    interrupted task resumes; outcome per seed: RunResult or DivergenceError. The pbt method runs its
+    population on the Ray runtime at `ray_address` (default: a local one of `ray_num_cpus` CPUs)."""
     train_config = config.train_config()
     checkpoint_dir = task.checkpoint_dir(out, config.dataset)
     identity = [run_identity(config, task.method, seed, context) for seed in task.seeds]
@@ -122,5 +136,9 @@ def run_task(config: ExperimentConfig, problem: Problem, task: Task, out: Path, 
     if task.method == "optuna":  # pruned trials end at different steps: one run, one trial at a time
         return [_optuna_run(config, problem, seed, checkpoint_dir / f"seed_{seed}", identity[i], progress)
                 for i, seed in enumerate(task.seeds)]
+    if task.method == "pbt":
+        with ray_runtime(ray_address, ray_num_cpus, quiet=True, needs="method pbt"):
+            return [_pbt_run(config, problem, seed, checkpoint_dir / f"seed_{seed}", identity[i], ray_address,
+                             ray_num_cpus, progress) for i, seed in enumerate(task.seeds)]
     return fit_batched(problem, [config.strategy(task.method) for _ in task.seeds], train_config, task.seeds,
                        progress, checkpoint_dir / "train.ckpt", identity)

@@ -1,0 +1,121 @@
+"""The PBT baseline on Ray Tune: exploits at the interval copy the source's weights, the cost is every member's
+steps, the choice is validation-only and seeded, an interrupted search goes on; one clear error without ray."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from metadistill.config import ConfigError, build_config
+from metadistill.data.synthetic import synthetic_problem
+from metadistill.experiment import run_experiment
+from metadistill.pbt import PERTURBATION_FACTORS, pbt_search
+from metadistill.train import TrainConfig
+
+CONFIG = TrainConfig(epochs=300, batch_size=0, lr=1.0, t_val=0.1, eval_every=100)
+INTERVAL = 100
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return synthetic_problem(0, 500, 0.01)[0]
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    """One local Ray runtime for the module (pbt_search uses a runtime already started)."""
+    pytest.importorskip("ray.tune")
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def searched(problem, ray_runtime):
+    return pbt_search(problem, CONFIG, seed=0, population=2)
+
+
+def test_a_population_of_two_exploits_at_every_interval_and_copies_the_weights(searched):
+    events = searched.extra["exploits"]  # every member's, as they happened
+    # synchronous PBT: at steps 100 and 200 (not at the end) the worse member copies the better one
+    assert sorted(event["step"] for event in events) == [INTERVAL, 2 * INTERVAL]
+    for event in events:
+        assert event["copied"] != event["trial"]
+        assert event["weights_loaded"] == event["weights_saved"]  # the copy's weights are the source's
+        for key in ("lambda1", "temperature"):  # explore: x0.8 or x1.2 (then bounds), or a resample
+            ratio = event[key] / event[f"copied_{key}"]
+            assert min(abs(ratio - factor) for factor in PERTURBATION_FACTORS) < 1e-9 or event[key] != event[
+                f"copied_{key}"]
+
+
+def test_the_cost_is_every_members_steps_and_the_result_is_the_best_member(searched):
+    assert searched.steps == 2 * CONFIG.epochs  # each member took a whole training's steps, none repeated
+    assert searched.full_trainings == 2 and searched.hypergrad_evals == 0 and searched.method == "pbt"
+    finals = [member["final_val_acc"] for member in searched.extra["members"]]
+    assert searched.final_val_acc == max(finals)
+    # the winner's lambda trajectory is its lineage: one value per step, changing only at exploits
+    history = list(zip(searched.history["lambda1"], searched.history["temperature"]))
+    assert len(history) == CONFIG.epochs
+    changes = [step for step in range(1, len(history)) if history[step] != history[step - 1]]
+    assert set(changes) <= {INTERVAL, 2 * INTERVAL}
+    assert set(changes) == {event["step"] for event in searched.extra["lineage"]}
+
+
+def test_equal_seeds_give_equal_searches_whatever_the_test_labels(problem, searched):
+    poisoned = dataclasses.replace(problem, y_test=1 - problem.y_test)  # every test label wrong
+    again = pbt_search(poisoned, CONFIG, seed=0, population=2)
+    assert again.history["lambda1"] == searched.history["lambda1"]
+    assert again.history["temperature"] == searched.history["temperature"]
+    assert again.final_val_acc == searched.final_val_acc
+    assert again.final_test_acc != searched.final_test_acc  # the test set was read, and changed nothing else
+
+
+def test_an_interrupted_search_goes_on_from_the_members_last_common_checkpoint(problem, ray_runtime, tmp_path):
+    sent = []
+
+    def stop_after_two_intervals(steps, budget):  # Ctrl-C, as a user stops it: Tune stops its trials first
+        if steps >= 4 * INTERVAL and not sent:
+            sent.append(steps)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        pbt_search(problem, CONFIG, seed=1, population=2, checkpoint_dir=tmp_path, identity="x",
+                   progress=stop_after_two_intervals)
+    assert json.loads((tmp_path / "cost.json").read_text())["steps"] == 4 * INTERVAL
+    resumed = pbt_search(problem, CONFIG, seed=1, population=2, checkpoint_dir=tmp_path, identity="x")
+    assert resumed.steps == 2 * CONFIG.epochs  # the steps before the interruption are counted, not retaken
+    assert len(resumed.history["lambda1"]) == CONFIG.epochs
+    assert list(tmp_path.glob("pbt_seed_1_before_step_200"))  # it went on from step 200
+
+
+def test_pbt_runs_in_a_grid_and_is_recorded(ray_runtime, tmp_path):
+    config = build_config("synthetic", ["epochs=200", "teacher_steps=500", "pbt_population=2"])
+    results = run_experiment(config, ["pbt"], [0], tmp_path, quiet=True)
+    record = results["pbt"][0]
+    assert record["steps"] == 400 and record["full_trainings"] == 2 and record["extra"]["population"] == 2
+    history = (tmp_path / "synthetic" / "pbt" / "run_000" / "history.jsonl").read_text().splitlines()
+    assert len(history) == 200
+    assert not list((tmp_path / "synthetic" / "pbt").glob(".batch_*"))  # its Tune experiment is cleaned up
+
+
+def test_pbt_settings_are_checked():
+    with pytest.raises(ConfigError, match="pbt_population must be >= 2"):
+        build_config("synthetic", ["pbt_population=1"])
+    with pytest.raises(ConfigError, match="pbt_interval must be >= 0"):
+        build_config("synthetic", ["pbt_interval=-1"])
+
+
+def test_pbt_without_ray_is_one_clear_error(tmp_path):
+    code = ("import sys; sys.modules['ray'] = None; from metadistill.cli import main; "
+            f"sys.exit(main(['run', '--dataset', 'synthetic', '--method', 'pbt', '--quiet', '--out', '{tmp_path}']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "metadistill: error: method pbt needs ray: pip install 'metadistill[ray]'"]
+    assert not list(tmp_path.glob("synthetic/pbt/run_*"))
