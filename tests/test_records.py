@@ -70,9 +70,9 @@ def test_a_diverging_run_is_recorded_the_grid_goes_on_and_a_rerun_does_not_repea
     calls = []
     real = experiment.run_task
 
-    def diverge_naive_run_1(config, problem, task, out, context, progress=None):
+    def diverge_naive_run_1(config, problem, task, out, context, *options):
         calls.append((task.method, list(task.seeds)))
-        outcomes = real(config, problem, task, out, context, progress)
+        outcomes = real(config, problem, task, out, context, *options)
         if task.method == "naive":
             error = DivergenceError("training diverged at step 7 (epoch 7): loss nan")
             error.step, error.lam = 7, (0.5, 1.0)
