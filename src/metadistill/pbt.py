@@ -15,9 +15,17 @@ The run's result is the member with the best validation accuracy at the end (the
 any choice); its lambda trajectory is its lineage, since a member that copies another copies its history. The
 cost counts every student step any member took: `population` trainings' worth.
 
-Tune draws its random choices from Python's and NumPy's global generators: they are seeded from the run's seed
-for the search and restored afterwards, so equal seeds make equal choices. Runs on the local Ray runtime
-(started here unless one is running) or on the cluster at `address`; members declare `threads` CPUs each.
+Equal seeds make equal searches: the starting draws and the explore are drawn from generators of the run's own,
+and the synchronous scheduler decides with every member at the same step, whatever order their results come
+in. (With more than one member in the top quarter, population >= 5, which of them a member copies is Tune's
+draw from Python's global generator, which is seeded for the search but which Ray's own threads may also
+draw from.) An interrupted search (Ctrl-C, or a killed process) goes on, when run again with the same
+`checkpoint_dir` and identity, from the last step at which every member has a checkpoint; the steps and wall
+time before the interruption are counted, and the explore draws after it differ from an uninterrupted run's.
+
+Runs on the local Ray runtime (started here unless one is running) or on the cluster at `address` (then
+`checkpoint_dir` must be on a file system every node sees: Tune keeps the members' checkpoints there);
+members declare `threads` CPUs each.
 """
 
 from __future__ import annotations
@@ -176,19 +184,23 @@ def _member_trainable(tune: Any) -> type:
 
 
 def _cost_callback(tune: Any, path: Path, progress: Callable[[int], None] | None) -> Any:
-    """A driver-side callback that sums every member's steps and collects every exploit, kept in `path` so that
-    a resumed search adds on."""
+    """A driver-side callback that sums every member's steps, the wall time and every exploit, kept in `path` so
+    that a resumed search adds on."""
 
     class Cost(tune.Callback):
         def __init__(self) -> None:
-            saved = json.loads(path.read_text()) if path.exists() else {"steps": 0, "exploits": []}
-            self.steps, self.exploits = saved["steps"], saved["exploits"]
+            saved = json.loads(path.read_text()) if path.exists() else {"steps": 0, "wall_s": 0.0, "exploits": []}
+            self.steps, self.earlier_wall, self.exploits = saved["steps"], saved["wall_s"], saved["exploits"]
+            self.started = time.perf_counter()
+
+        def wall(self) -> float:
+            return self.earlier_wall + time.perf_counter() - self.started
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             self.steps += int(result["steps_taken"])
             if result.get("exploited"):
                 self.exploits.append(json.loads(result["exploited"]))
-            write_atomic(path, json.dumps({"steps": self.steps, "exploits": self.exploits}))
+            write_atomic(path, json.dumps({"steps": self.steps, "wall_s": self.wall(), "exploits": self.exploits}))
             if progress is not None:
                 progress(self.steps)
 
@@ -316,7 +328,7 @@ def pbt_search(problem: Data, config: TrainConfig, seed: int, population: int = 
     outcome.method = "pbt"
     outcome.steps = cost.steps
     outcome.full_trainings = population
-    outcome.wall_s = time.perf_counter() - started
+    outcome.wall_s = cost.earlier_wall + time.perf_counter() - started
     outcome.extra = {**outcome.extra, "population": population, "interval": engine.schedule.eval_every,
                      "starts": [list(lam.as_tuple()) for lam in starts], "lineage": best_state["lineage"],
                      "exploits": cost.exploits,

@@ -128,7 +128,8 @@ def write_report(out: Path) -> dict[str, list[dict]]:
                           for run in method_runs if "teacher_test_acc" in run.get("extra", {})})
         if teacher:
             parts += ["Teacher test accuracy: " + ", ".join(f"{acc:.3f}" for acc in teacher) + ".", ""]
-        for figure, caption in (("trajectories", "lambda1 and T against step (gradient and proposed)"),
+        for figure, caption in (("trajectories", "lambda1 and T against step (the gradient methods; pbt: its "
+                                                  "best member's lineage)"),
                                 ("accuracy", "test accuracy against epoch"),
                                 ("cost", "final test accuracy against cost")):
             if (out / "figures" / f"{dataset}_{figure}.png").exists():
