@@ -55,7 +55,7 @@ from .meta import LAMBDA1_BOUNDS, TEMPERATURE_BOUNDS, Metaparameters
 from .problem import steps_per_epoch
 from .results import DivergenceError, RunResult
 from .runtime import ray_runtime, require_ray
-from .strategies import Strategy, random_metaparameters
+from .strategies import Fixed, random_metaparameters
 from .train import Schedule, TrainConfig
 
 STATE_FILE = "member.pt"
@@ -72,20 +72,6 @@ def require_tune() -> Any:
     except ImportError:
         raise ImportError("method pbt needs Ray Tune: pip install 'metadistill[ray]'") from None
     return tune
-
-
-class Member(Strategy):
-    """A PBT member's lambda: constant between perturbations, set by the scheduler's exploit and explore."""
-
-    name = "pbt"
-
-    def __init__(self, lam: Metaparameters) -> None:
-        super().__init__()
-        self.lam = lam
-
-    def start(self, seed: int) -> Metaparameters:
-        assert self.lam is not None
-        return self.lam
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -132,12 +118,19 @@ def _member_trainable(tune: Any) -> type:
 
         def _fresh(self, config: dict) -> None:
             assert self.problem is not None and self.train_config is not None
-            self.engine = Engine(self.problem, [Member(_lam(config))], self.train_config, [self.seed], Parallel())
+            # a member's lambda is fixed between decisions; _set changes it at an exploit
+            self.engine = Engine(self.problem, [Fixed(_lam(config), "pbt")], self.train_config, [self.seed],
+                                 Parallel())
             self.next_step, self.lineage, self.exploited = 0, [], ""
             if config.get("resume_from"):  # an interrupted search: this member's last common checkpoint
-                state = torch.load(config["resume_from"], map_location="cpu", weights_only=True)
-                self.next_step = self.engine.load_state_dict(state)
-                self.lineage = list(state["lineage"])
+                self._load(config["resume_from"])
+
+        def _load(self, path: str | Path) -> dict:
+            """The engine's and lineage's state from a member's checkpoint file; returns the state."""
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            self.next_step = self.engine.load_state_dict(state)
+            self.lineage = list(state["lineage"])
+            return state
 
         def step(self) -> dict:
             engine, run = self.engine, self.engine.runs[0]
@@ -158,9 +151,7 @@ def _member_trainable(tune: Any) -> type:
             torch.save(state, Path(checkpoint_dir) / STATE_FILE)
 
         def load_checkpoint(self, checkpoint_dir: str) -> None:
-            state = torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=True)
-            self.next_step = self.engine.load_state_dict(state)
-            self.lineage = list(state["lineage"])
+            state = self._load(Path(checkpoint_dir) / STATE_FILE)
             lam = _lam(self.config)
             if state["trial"] != self.trial_id:  # an exploit: this member goes on from another's state
                 self.lineage.append({"step": self.next_step, "trial": self.trial_id, "copied": state["trial"],
@@ -280,6 +271,7 @@ def pbt_search(problem: Data, config: TrainConfig, seed: int, population: int = 
         (storage / COST_FILE).unlink(missing_ok=True)
         storage.mkdir(parents=True, exist_ok=True)
         write_atomic(key_path, key)
+        starts_now = [("", lam) for lam in starts]
     else:  # the earlier attempt's checkpoints move aside; its members go on from them in a new experiment
         earlier = storage / f"{name}_before_step_{resumed[0]}"
         shutil.rmtree(earlier, ignore_errors=True)
@@ -295,8 +287,6 @@ def pbt_search(problem: Data, config: TrainConfig, seed: int, population: int = 
     ticker = None if progress is None else (lambda steps: progress(steps, budget))
     cost = _cost_callback(tune, storage / COST_FILE, ticker)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    if resumed is None:
-        starts_now = [("", lam) for lam in starts]
     member_space = {"member": tune.grid_search(list(range(population))),
                     "resume_from": tune.sample_from(lambda config: starts_now[config["member"]][0]),
                     "lambda1": tune.sample_from(lambda config: starts_now[config["member"]][1].lambda1),
@@ -320,7 +310,7 @@ def pbt_search(problem: Data, config: TrainConfig, seed: int, population: int = 
     if not finished:
         raise DivergenceError(f"every pbt member diverged (seed {seed})")
     best_result, best_state = max(finished, key=lambda pair: pair[0].metrics["val_acc"])  # first of equals
-    engine = Engine(problem, [Member(Metaparameters(*best_state["runs"][0]["lam"]))], member_config, [seed],
+    engine = Engine(problem, [Fixed(Metaparameters(*best_state["runs"][0]["lam"]), "pbt")], member_config, [seed],
                     Parallel())
     engine.load_state_dict(best_state)
     outcome = engine.outcomes()[0]

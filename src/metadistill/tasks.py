@@ -7,6 +7,7 @@ above this module.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -86,21 +87,10 @@ def run_identity(config: ExperimentConfig, method: str, seed: int, context: dict
     return {**identity, "method": method, "seed": seed, **context}
 
 
-def _optuna_run(config: ExperimentConfig, problem: Problem, seed: int, checkpoint_dir: Path, identity: Any,
-                progress: Callable[[int, int], None] | None) -> Outcome:
+def _outcome(search: Callable[[], Outcome]) -> Outcome:
+    """A search's result, or its DivergenceError as the outcome (the grid records it and goes on)."""
     try:
-        return optuna_search(problem, config.train_config(), seed, config.optuna_budget, config.optuna_pruner,
-                             progress, checkpoint_dir, identity)
-    except DivergenceError as error:
-        return error
-
-
-def _pbt_run(config: ExperimentConfig, problem: Problem, seed: int, checkpoint_dir: Path, identity: Any,
-             ray_address: str | None, ray_num_cpus: int | None, progress: Callable[[int, int], None] | None
-             ) -> Outcome:
-    try:
-        return pbt_search(problem, config.train_config(), seed, config.pbt_population, config.pbt_interval,
-                          ray_address, ray_num_cpus, config.threads or 1, checkpoint_dir, identity, progress)
+        return search()
     except DivergenceError as error:
         return error
 
@@ -134,11 +124,14 @@ def run_task(config: ExperimentConfig, problem: Problem, task: Task, out: Path, 
         return hyperopt_search_batched(problem, train_config, task.seeds, config.hyperopt_trials, progress,
                                        checkpoint_dir, identity)
     if task.method == "optuna":  # pruned trials end at different steps: one run, one trial at a time
-        return [_optuna_run(config, problem, seed, checkpoint_dir / f"seed_{seed}", identity[i], progress)
-                for i, seed in enumerate(task.seeds)]
+        return [_outcome(functools.partial(optuna_search, problem, train_config, seed, config.optuna_budget,
+                                           config.optuna_pruner, progress, checkpoint_dir / f"seed_{seed}",
+                                           identity[i])) for i, seed in enumerate(task.seeds)]
     if task.method == "pbt":
         with ray_runtime(ray_address, ray_num_cpus, quiet=True, needs="method pbt"):
-            return [_pbt_run(config, problem, seed, checkpoint_dir / f"seed_{seed}", identity[i], ray_address,
-                             ray_num_cpus, progress) for i, seed in enumerate(task.seeds)]
+            return [_outcome(functools.partial(pbt_search, problem, train_config, seed, config.pbt_population,
+                                               config.pbt_interval, ray_address, ray_num_cpus, config.threads or 1,
+                                               checkpoint_dir / f"seed_{seed}", identity[i], progress))
+                    for i, seed in enumerate(task.seeds)]
     return fit_batched(problem, [config.strategy(task.method) for _ in task.seeds], train_config, task.seeds,
                        progress, checkpoint_dir / "train.ckpt", identity)
