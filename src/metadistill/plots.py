@@ -154,10 +154,14 @@ def accuracy_curves(dataset: str, by_method: dict[str, list[dict]], path: Path) 
 def accuracy_vs_cost(dataset: str, by_method: dict[str, list[dict]], path: Path) -> Path:
     """Final test accuracy (each run, and the mean) against cost in plain-step equivalents."""
     fig, ax = plt.subplots(figsize=(8, 5))
-    for position, method in enumerate(_in_order(by_method)):
+    seen: list[float] = []  # mean costs drawn so far
+    for method in _in_order(by_method):
         runs = by_method[method]
-        # methods of equal cost (the fixed-lambda ones) are drawn side by side, 3% apart
-        cost = np.array([r["steps"] + _hypergradient_cost(r) * r["hypergrad_evals"] for r in runs]) * 1.03**position
+        cost = np.array([r["steps"] + _hypergradient_cost(r) * r["hypergrad_evals"] for r in runs])
+        # methods of equal cost (the fixed-lambda ones) are drawn side by side, 3% apart; others where they are
+        position = sum(bool(np.isclose(cost.mean(), other)) for other in seen)
+        seen.append(float(cost.mean()))
+        cost = cost * 1.03**position
         acc = np.array([r["final_test_acc"] for r in runs])
         color = COLORS.get(method, "black")
         ax.scatter(cost, acc, s=14, color=color, alpha=0.45)
