@@ -9,9 +9,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from metadistill import Gradient, Loaders, hyperopt_search
+from metadistill import Metaparameters
 from metadistill.engine import fit, fit_batched
 from metadistill.problem import IndexStream, Problem
-from metadistill.strategies import MetaOptimizer
+from metadistill.strategies import Fixed, MetaOptimizer
 from metadistill.train import TrainConfig
 
 # One evaluation, after the last step: evaluating iterates the validation loader, which would move the sampler
@@ -118,3 +119,19 @@ def test_batched_runs_and_hyperopt_from_loaders():
     assert result.full_trainings == 3 and result.steps == 30
     with pytest.raises(ValueError, match="cannot checkpoint"):
         fit_batched(loaders(0, model), [strategy()], CONFIG, [0], checkpoint="/tmp/x.ckpt")
+
+
+def test_without_distillation_the_teacher_is_not_run():
+    """At lambda1 = 1 the loss is the hard-label term alone: the live teacher costs nothing, the run is the same."""
+    x, y, xv, yv, xt, yt = data()
+    model, calls = teacher(), []
+    with torch.no_grad():
+        logits = model.eval()(x)
+    model.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    hard_only = Fixed(Metaparameters(1.0, 1.0), "no_distillation")
+    memory = fit(Problem(x, y, logits, xv, yv, xt, yt, student), hard_only, CONFIG, seed=3)
+    streamed = fit(loaders(3, model), hard_only, CONFIG, seed=3)
+    assert calls == [] and streamed.steps == memory.steps == 10
+    np.testing.assert_allclose(streamed.history["train_loss"], memory.history["train_loss"], rtol=1e-12)
+    fit(loaders(3, model), Fixed(Metaparameters(0.5, 2.0), "naive"), CONFIG, seed=3)
+    assert calls == [8, 8, 8, 8, 8] * 2  # a distilling run runs it on each train batch

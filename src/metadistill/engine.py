@@ -145,11 +145,14 @@ class Engine:
 
     def take(self, step: int) -> None:
         """The real step of every run with its current lambda; keeps the TakenStep where a strategy wants it."""
-        x, y, teacher = self.source.train_batch(self.layout, self.parallel.shard)
+        self.wants = [run.failed is None and run.strategy.wants_hypergradient(step) for run in self.runs]
+        # at lambda1 = 1 the loss is the hard-label term alone: the teacher is run (or looked up) only when a run
+        # distils, or wants a hypergradient (whose mixed derivative needs it)
+        teacher_needed = any(want or run.lam.lambda1 != 1.0 for want, run in zip(self.wants, self.runs))
+        x, y, teacher = self.source.train_batch(self.layout, self.parallel.shard, teacher_needed)
         for run in self.runs:
             run.history["lambda1"].append(run.lam.lambda1)
             run.history["temperature"].append(run.lam.temperature)
-        self.wants = [run.failed is None and run.strategy.wants_hypergradient(step) for run in self.runs]
         losses, self.taken = take_step(
             self.model, self.optimizer, self.layout, x, y, teacher, [run.lam for run in self.runs],
             self.config.t2_scaling, any(self.wants),

@@ -9,7 +9,7 @@ from torch import Tensor
 Scalar = float | Tensor
 
 
-def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, lambda1: Scalar,
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor, lambda1: Scalar,
                       temperature: Scalar, t2_scaling: bool = False) -> Tensor:
     """Batch mean of  lambda1 * CE(z, y) + (1 - lambda1) * s(T) * KL(softmax(f/T) || softmax(z/T)).
 
@@ -20,7 +20,7 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, targets: T
 
     R runs at once: logits [B, R, K], targets [B, R] and per-run `lambda1`, `temperature` of shape
     [R] give the R batch-mean losses [R]. Where lambda1 is exactly 1 (a float, or a tensor of ones
-    that does not require grad) the distillation term is not computed.
+    that does not require grad) the distillation term is not computed, and `teacher_logits` may be None.
     """
     if isinstance(lambda1, float) and lambda1 == 1.0 or (
             isinstance(lambda1, Tensor) and not lambda1.requires_grad and bool((lambda1 == 1.0).all())):
@@ -29,10 +29,12 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, targets: T
     return lambda1 * hard + (1.0 - lambda1) * soft
 
 
-def loss_terms(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, temperature: Scalar | None,
+def loss_terms(student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor, temperature: Scalar | None,
                t2_scaling: bool = False) -> tuple[Tensor, Tensor | None]:
     """(CE(z, y), s(T) * KL(softmax(f/T) || softmax(z/T))), batch means, of `distillation_loss`; the second is
     None when `temperature` is None. Logits [B, K] give scalars; [B, R, K] with T of shape [R] give [R]."""
+    if temperature is not None and teacher_logits is None:
+        raise ValueError("the distillation term needs the teacher's logits (only lambda1 = 1 trains without them)")
     if student_logits.dim() == 2:
         hard = F.cross_entropy(student_logits, targets)
         if temperature is None:

@@ -142,10 +142,12 @@ class MemorySource:
         self.streams = [batch_streams(self.problem, batch_size, val_batch_size, seed, device) for seed in seeds]
         self.steps_per_epoch = steps_per_epoch(problem, batch_size)
 
-    def train_batch(self, runs: Runs, shard: Shard) -> tuple[Tensor, Tensor, Tensor]:
+    def train_batch(self, runs: Runs, shard: Shard, teacher: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(x, y, the teacher's logits, or None when `teacher` is false) of every run's next train batch."""
         index = [next(train) for train, _ in self.streams]
         local = shard(torch.stack(index, dim=1) if runs.stacked else index[0])
-        return self.problem.x_train[local], self.problem.y_train[local], self.problem.teacher_train[local]
+        return (self.problem.x_train[local], self.problem.y_train[local],
+                self.problem.teacher_train[local] if teacher else None)
 
     def val_batch(self, runs: Runs, wants: list[bool], shard: Shard) -> tuple[Tensor, Tensor]:
         """Each run that wants a hypergradient draws its own validation batch; the others borrow one."""
@@ -194,11 +196,16 @@ class LoaderSource:
             setattr(self, f"{which}_iter", iterator)
             return next(iterator)
 
-    def train_batch(self, runs: Runs, shard: Shard) -> tuple[Tensor, Tensor, Tensor]:
+    def train_batch(self, runs: Runs, shard: Shard, teacher_needed: bool = True
+                    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The loader's next batch for every run, with the teacher's logits of it (None when not needed: the
+        teacher module is then not run)."""
         batch = self._next("train")
         x, y = batch[0].to(self.device), batch[1].to(self.device)
         teacher = self.loaders.teacher
-        if isinstance(teacher, Tensor):
+        if not teacher_needed:
+            logits = None
+        elif isinstance(teacher, Tensor):
             if len(batch) < 3:
                 raise ValueError("with precomputed teacher logits, train batches must be (x, y, sample index)")
             logits = teacher.to(self.device)[batch[2].to(self.device)]
@@ -207,7 +214,8 @@ class LoaderSource:
                 logits = teacher(x).to(x.dtype)
         if not runs.stacked:
             return x, y, logits
-        return runs.shared(x), y.unsqueeze(1).expand(-1, runs.count), logits.unsqueeze(1).expand(-1, runs.count, -1)
+        return (runs.shared(x), y.unsqueeze(1).expand(-1, runs.count),
+                None if logits is None else logits.unsqueeze(1).expand(-1, runs.count, -1))
 
     def val_batch(self, runs: Runs, wants: list[bool], shard: Shard) -> tuple[Tensor, Tensor]:
         x, y = (t.to(self.device) for t in self._next("val")[:2])

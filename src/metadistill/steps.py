@@ -178,7 +178,7 @@ def forward_keeping(model: nn.Module, x: Tensor, keep: bool, call: Callable[[Ten
 
 
 def take_step(model: nn.Module, optimizer: torch.optim.Optimizer, runs: Runs, x: Tensor, y: Tensor,
-              teacher_logits: Tensor, lams: list[Metaparameters], t2_scaling: bool = False, keep: bool = False,
+              teacher_logits: Tensor | None, lams: list[Metaparameters], t2_scaling: bool = False, keep: bool = False,
               call: Callable[[Tensor], Tensor] | None = None, loss_weight: float = 1.0,
               adam_update: str = "exact", mixed_gradient: bool = False,
               curvature_along: dict[str, Tensor] | None = None) -> tuple[Tensor, TakenStep | None]:
