@@ -8,8 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from metadistill import Gradient, Loaders, hyperopt_search
-from metadistill import Metaparameters
+from metadistill import Gradient, Loaders, Metaparameters, hyperopt_search
 from metadistill.engine import fit, fit_batched
 from metadistill.problem import IndexStream, Problem
 from metadistill.strategies import Fixed, MetaOptimizer
