@@ -14,6 +14,7 @@ from metadistill.config import ConfigError, build_config
 from metadistill.data.synthetic import synthetic_problem
 from metadistill.experiment import run_experiment
 from metadistill.pbt import PERTURBATION_FACTORS, pbt_search
+from metadistill.results import DivergenceError
 from metadistill.train import TrainConfig
 
 CONFIG = TrainConfig(epochs=300, batch_size=0, lr=1.0, t_val=0.1, eval_every=100)
@@ -92,6 +93,14 @@ def test_an_interrupted_search_goes_on_from_the_members_last_common_checkpoint(p
     assert resumed.steps == 2 * CONFIG.epochs  # the steps before the interruption are counted, not retaken
     assert len(resumed.history["lambda1"]) == CONFIG.epochs
     assert list(tmp_path.glob("pbt_seed_1_before_step_200"))  # it went on from step 200
+
+
+def test_a_search_whose_every_member_diverges_is_a_divergence_error(problem, ray_runtime):
+    x_train = problem.x_train.clone()
+    x_train[0, 0] = float("nan")  # full-batch steps: every member's loss is not finite from the first step
+    with pytest.raises(DivergenceError, match="every pbt member diverged"):
+        pbt_search(dataclasses.replace(problem, x_train=x_train), dataclasses.replace(CONFIG, epochs=INTERVAL), seed=2,
+                   population=2)
 
 
 def test_pbt_runs_in_a_grid_and_is_recorded(ray_runtime, tmp_path):
