@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,21 +135,23 @@ def run_experiment(config: ExperimentConfig, methods: list[str], seeds: list[int
     # read it from.
     problem, facts = load_problem(config, progress=not quiet, data=data)
     tasks = grid.tasks(config.batch_runs if batchable(problem, config.train_config()) else 1)
-    if executor == "ray":
-        from .ray_executor import run_on_ray
+    with ExitStack() as stack:
+        if executor == "ray":
+            from .ray_executor import ray_session, run_on_ray
 
-        remote = [task for task in tasks if task.method != "pbt"]  # pbt's members are Ray actors already
-        for task, outcomes in run_on_ray(config, remote, out, ray_address, ray_num_cpus, quiet, log):
+            stack.enter_context(ray_session(ray_address, ray_num_cpus, quiet))  # pbt's members use it too
+            remote = [task for task in tasks if task.method != "pbt"]  # pbt's members are Ray actors already
+            for task, outcomes in run_on_ray(config, remote, out, ray_address, ray_num_cpus, quiet, log):
+                grid.finish(task, outcomes, facts, quiet, log)
+            tasks = [task for task in tasks if task.method == "pbt"]
+        for task in tasks:
+            with _local_progress(config, task, quiet) as bar:
+                def progress(done: int, total: int, bar: tqdm = bar) -> None:
+                    bar.total = total
+                    bar.update(done - bar.n)
+
+                outcomes = run_task(config, problem, task, out, grid.context, progress, ray_address, ray_num_cpus)
             grid.finish(task, outcomes, facts, quiet, log)
-        tasks = [task for task in tasks if task.method == "pbt"]
-    for task in tasks:
-        with _local_progress(config, task, quiet) as bar:
-            def progress(done: int, total: int, bar: tqdm = bar) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
-
-            outcomes = run_task(config, problem, task, out, grid.context, progress, ray_address, ray_num_cpus)
-        grid.finish(task, outcomes, facts, quiet, log)
     return grid.results(methods)
 
 

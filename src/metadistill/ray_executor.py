@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from .config import ConfigError, ExperimentConfig
 from .engine import Outcome
@@ -43,17 +45,25 @@ def resources(config: ExperimentConfig) -> dict[str, float]:
     return {"num_cpus": float(config.threads or 1), "num_gpus": 1.0 if config.device.startswith("cuda") else 0.0}
 
 
+@contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> Iterator[Any]:
+    """`ray_runtime` for `--executor ray`: a ConfigError (one line) without ray. Inside it, the Ray tasks and
+    pbt's members share one runtime."""
+    try:
+        require_ray("--executor ray")
+    except ImportError as error:
+        raise ConfigError(str(error)) from None
+    with ray_runtime(address, num_cpus, quiet) as ray:
+        yield ray
+
+
 def run_on_ray(config: ExperimentConfig, tasks: list, out: Path, address: str | None = None,
                num_cpus: int | None = None, quiet: bool = False,
                log: Callable[[str], None] = print) -> Iterator[tuple]:
     """Yield (task, outcomes) for every task, in the order they finish."""
     if not tasks:
         return
-    try:
-        require_ray("--executor ray")
-    except ImportError as error:
-        raise ConfigError(str(error)) from None
-    with ray_runtime(address, num_cpus, quiet) as ray:
+    with ray_session(address, num_cpus, quiet) as ray:
         remote = ray.remote(_task).options(**resources(config), max_retries=0)
         values = dataclasses.asdict(config)
         pending = {remote.remote(values, task.method, task.seeds, str(Path(out).resolve())): task for task in tasks}
