@@ -8,6 +8,7 @@ the engine is asserted too: the tape only for chains it can prove, the generic e
 """
 
 import itertools
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from metadistill import jvp
 from metadistill.jvp import ActivationRecord, capture_rng, jvp_kernels, logits_jvp, record_activations, uses_tape
 from metadistill.models import fashion_student
 from metadistill.stacked import stack_models
@@ -162,6 +164,26 @@ def test_subclassed_overridden_hooked_or_parametrized_layers_go_generic():
         check(mlp(), x, on_tape=False, label="global forward hook")
     finally:
         handle.remove()
+
+
+def test_layers_without_forward_mode_formulas_fall_back_to_double_backward():
+    """weight_norm's kernel and spectral_norm's out= division have no forward-mode AD formulas: the JVP is then
+    taken by double backward (one warning), and is exact."""
+    torch.manual_seed(0)
+    x = torch.randn(7, 5)
+    normed_conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(1, 2, 3, padding=1))
+    for label, model, expects_fallback in [
+            ("weight_norm", mlp(nn.utils.parametrizations.weight_norm(nn.Linear(5, 6))), True),
+            ("weight_norm on a convolution", nn.Sequential(nn.Unflatten(1, (1, 5)), normed_conv, nn.Flatten(),
+                                                           nn.Linear(10, 3)), True),
+            ("spectral_norm (hook)", mlp(nn.utils.spectral_norm(nn.Linear(5, 6))), True),
+            ("a plain MLP", mlp(), False)]:
+        jvp._WARNED_DOUBLE_BACKWARD.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            check(model, x, on_tape=not expects_fallback, label=label)
+        fallbacks = [w for w in caught if "double backward" in str(w.message)]
+        assert len(fallbacks) == expects_fallback, label
 
 
 class BasicBlock(nn.Module):

@@ -270,19 +270,54 @@ def generic_jvp(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, 
     With `rng` (from `capture_rng` before the step's forward), the pass replays the step's random
     draws (dropout masks); the caller's RNG stream is not advanced.
     """
-    scratch = {name: b.clone() for name, b in buffers.items()}
+    try:
+        with _replayed(rng), fwad.dual_level():
+            duals = {name: fwad.make_dual(p.detach(), tangents[name]) if name in tangents else p.detach()
+                     for name, p in params.items()}
+            out = functional_call(model, (duals, {name: b.clone() for name, b in buffers.items()}), (x,))
+            primal, tangent = fwad.unpack_dual(out)
+    except NotImplementedError as error:  # an operation without a forward-mode formula (weight_norm, say)
+        if "forward" not in str(error):
+            raise
+        return _double_backward_jvp(model, params, buffers, x, tangents, rng, str(error).splitlines()[0])
+    if tangent is None:
+        tangent = torch.zeros_like(primal)
+    return primal, tangent
+
+
+@contextmanager
+def _replayed(rng: RngState | None) -> Iterator[None]:
+    """`jvp_kernels()`, and the step's RNG state replayed when given."""
     with ExitStack() as stack:
         stack.enter_context(jvp_kernels())
         if rng is not None:
             stack.enter_context(replay_rng(rng))
-        with fwad.dual_level():
-            duals = {name: fwad.make_dual(p.detach(), tangents[name]) if name in tangents else p.detach()
-                     for name, p in params.items()}
-            out = functional_call(model, (duals, scratch), (x,))
-            primal, tangent = fwad.unpack_dual(out)
-    if tangent is None:
-        tangent = torch.zeros_like(primal)
-    return primal, tangent
+        yield
+
+
+_WARNED_DOUBLE_BACKWARD: set[str] = set()
+
+
+def _double_backward_jvp(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor,
+                         tangents: dict[str, Tensor], rng: RngState | None, reason: str) -> tuple[Tensor, Tensor]:
+    """`generic_jvp` for a model that forward-mode AD cannot differentiate: J u = d/dv <J^T v, u> by double
+    backward (reverse over reverse), exact too, at about twice the cost. Warns once per reason."""
+    if reason not in _WARNED_DOUBLE_BACKWARD:
+        _WARNED_DOUBLE_BACKWARD.add(reason)
+        warnings.warn(f"forward-mode AD failed on this student ({reason}); its hypergradients are taken by "
+                      "double backward instead: exact, and slower", RuntimeWarning, stacklevel=3)
+    leaves = {name: p.detach().requires_grad_(name in tangents) for name, p in params.items()}
+    with _replayed(rng), torch.enable_grad():
+        out = functional_call(model, (leaves, {name: b.clone() for name, b in buffers.items()}), (x,))
+        names = [name for name in tangents if name in leaves]
+        v = torch.zeros_like(out, requires_grad=True)
+        grads = torch.autograd.grad(out, [leaves[name] for name in names], grad_outputs=v, create_graph=True,
+                                    allow_unused=True)
+        pairs = [(g, tangents[name]) for g, name in zip(grads, names) if g is not None and g.requires_grad]
+        if not pairs:  # the logits do not depend on the tangent's weights
+            return out.detach(), torch.zeros_like(out.detach())
+        tangent = torch.autograd.grad([g for g, _ in pairs], v, grad_outputs=[u for _, u in pairs])[0]
+    return out.detach(), tangent
 
 
 def _name(call: _Call, name: str) -> str:
