@@ -5,11 +5,14 @@ paper's settings), `--steps` steps long, timed whole and scaled to one epoch of 
 training images (422 steps):
 
 - R=1                one run (`engine.fit`: the student as it is);
+- R=1 NCHW           the same with `channels_last=False` (the student's weights in PyTorch's default
+                     memory order, as before channels-last became the default);
 - R=N                N runs (default 10) as one stacked model (`engine.fit_batched`);
 
 each for "plain" (no distillation: no hypergradient) and "gradient" (a greedy hypergradient after
 every step). Variants are timed round-robin over `--rounds` rounds; medians are reported, and
-`speedup batched10 = 10 x time(R=1) / time(R=10)` for both kinds of step. (Before the engine was
+`speedup batched10 = 10 x time(R=1) / time(R=10)` and `speedup channels_last = time(R=1 NCHW) / time(R=1)`
+for both kinds of step. (Before the engine was
 one loop, a separate batched loop also ran R=1; fit and fit_batched are now the same loop.)
 
 Run: python bench/throughput.py [--rounds K] [--steps S] [--runs N] [--threads T] [--device D]
@@ -19,6 +22,7 @@ Run: python bench/throughput.py [--rounds K] [--steps S] [--runs N] [--threads T
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import time
@@ -62,6 +66,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     config = build_config("fashion-mnist", ["epochs=1", f"eval_every={10**9}", f"device={args.device}"])
     train_config = config.train_config()
+    nchw_config = dataclasses.replace(train_config, channels_last=False)
     problem = random_problem(args.steps)
     epoch_steps = math.ceil(TRAIN_IMAGES / BATCH)
     seeds = list(range(args.runs))
@@ -69,6 +74,7 @@ def main() -> None:
     def variants(method: str) -> dict[str, callable]:
         return {
             "R=1": lambda: fit(problem, config.strategy(method), train_config, 0),
+            "R=1 NCHW": lambda: fit(problem, config.strategy(method), nchw_config, 0),
             f"R={args.runs}": lambda: fit_batched(problem, [config.strategy(method) for _ in seeds], train_config,
                                                   seeds),
         }
@@ -99,6 +105,9 @@ def main() -> None:
         one = statistics.median(times[(kind, "R=1")])
         many = statistics.median(times[(kind, f"R={args.runs}")])
         print(f"speedup batched{args.runs} = {args.runs * one / many:.2f} ({kind})")
+    for kind in kinds:
+        ratio = statistics.median(times[(kind, "R=1 NCHW")]) / statistics.median(times[(kind, "R=1")])
+        print(f"speedup channels_last = {ratio:.2f} ({kind}, one run: NCHW time / channels-last time)")
 
 
 if __name__ == "__main__":

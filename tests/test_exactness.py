@@ -298,6 +298,10 @@ def test_supported_chains_stay_on_the_tape_and_overwritten_reads_do_not():
     check(Reused(), torch.randn(8, 5), on_tape=True, label="reused modules")
     # The paper's students and their stacked form.
     check(fashion_student(), torch.randn(4, 1, 28, 28), on_tape=True, label="fashion student")
+    check(fashion_student().to(memory_format=torch.channels_last), torch.randn(4, 1, 28, 28), on_tape=True,
+          label="fashion student, channels-last (the engine's default for one run)")
+    check(model.to(memory_format=torch.channels_last), torch.randn(5, 2, 8, 8), on_tape=True,
+          label="a channels-last CNN with a channels-first input")
     check(stack_models([fashion_student() for _ in range(2)]), torch.randn(3, 2, 1, 28, 28), on_tape=True,
           label="stacked students")
     check(ShiftedAfterUse(), torch.randn(4, 2, 6, 6), on_tape=False, label="pooled values modified after use")

@@ -113,3 +113,30 @@ def test_hyperopt_skips_diverging_trials(problem, monkeypatch):
     monkeypatch.setattr(search, "fit_batched", lambda *a, **k: [DivergenceError("boom")])
     with pytest.raises(DivergenceError, match="all 2 hyperopt trials diverged"):
         hyperopt_search(problem, SHORT, seed=1, trials=2)
+
+
+@pytest.mark.usefixtures("float64")
+def test_a_single_cnn_student_trains_channels_last_with_the_same_numbers():
+    from torch import nn
+
+    from metadistill import Gradient
+    from metadistill.engine import Engine, Parallel
+    from metadistill.problem import Problem
+
+    def cnn():
+        return nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                             nn.Linear(3 * 3 * 3, 4))
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 2, 8, 8, generator=g), torch.randint(0, 4, (60,), generator=g)
+    problem = Problem(x[:40], y[:40], torch.randn(40, 4, generator=g), x[40:50], y[40:50], x[50:], y[50:], cnn)
+    config = TrainConfig(epochs=3, batch_size=10, lr=0.5)
+    results = {}
+    for channels_last in (True, False):
+        setting = dataclasses.replace(config, channels_last=channels_last)
+        engine = Engine(problem, [Gradient(lambda1=0.5, temperature=2.0)], setting, [0], Parallel())
+        assert engine.model[0].weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+        results[channels_last] = fit(problem, Gradient(lambda1=0.5, temperature=2.0), setting, seed=0)
+    for key in ("lambda1", "temperature", "train_loss", "val_loss"):
+        assert results[True].history[key] == pytest.approx(results[False].history[key], rel=1e-9), key
+    assert results[True].history["lambda1"][-1] != 0.5  # the hypergradients moved lambda

@@ -128,6 +128,8 @@ class Engine:
         if self.layout.stacked and config.hypergrad_method != "jvp":
             raise NotImplementedError("stacked runs compute hypergradients by the jvp method only")
         self.model = stack_models(students) if self.layout.stacked else students[0]
+        if config.channels_last and not self.layout.stacked:  # (a model without 4-d weights is unchanged)
+            self.model.to(memory_format=torch.channels_last)
         self.model.train()
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config)
