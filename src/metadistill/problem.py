@@ -142,12 +142,13 @@ class MemorySource:
         self.streams = [batch_streams(self.problem, batch_size, val_batch_size, seed, device) for seed in seeds]
         self.steps_per_epoch = steps_per_epoch(problem, batch_size)
 
-    def train_batch(self, runs: Runs, shard: Shard, teacher: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(x, y, the teacher's logits, or None when `teacher` is false) of every run's next train batch."""
+    def train_batch(self, runs: Runs, shard: Shard, teacher_needed: bool = True
+                    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(x, y, the teacher's logits, or None when not `teacher_needed`) of every run's next train batch."""
         index = [next(train) for train, _ in self.streams]
         local = shard(torch.stack(index, dim=1) if runs.stacked else index[0])
         return (self.problem.x_train[local], self.problem.y_train[local],
-                self.problem.teacher_train[local] if teacher else None)
+                self.problem.teacher_train[local] if teacher_needed else None)
 
     def val_batch(self, runs: Runs, wants: list[bool], shard: Shard) -> tuple[Tensor, Tensor]:
         """Each run that wants a hypergradient draws its own validation batch; the others borrow one."""
