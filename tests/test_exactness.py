@@ -184,6 +184,7 @@ def test_layers_without_forward_mode_formulas_fall_back_to_double_backward():
             check(model, x, on_tape=not expects_fallback, label=label)
         fallbacks = [w for w in caught if "double backward" in str(w.message)]
         assert len(fallbacks) == expects_fallback, label
+        assert (model in jvp._NO_FORWARD_AD) == expects_fallback, label  # later JVPs do not try forward AD again
 
 
 class BasicBlock(nn.Module):

@@ -20,8 +20,9 @@ Both are checked against each other and against double-backward oracles in the t
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -268,47 +269,39 @@ def generic_jvp(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, 
     """(logits, J_logits · tangents) at `params` by forward-mode AD; `buffers` are cloned, never written.
 
     With `rng` (from `capture_rng` before the step's forward), the pass replays the step's random
-    draws (dropout masks); the caller's RNG stream is not advanced.
+    draws (dropout masks); the caller's RNG stream is not advanced. A model with an operation that has no
+    forward-mode formula gets `_double_backward_jvp` instead, from its first failure on (one warning per cause).
     """
-    try:
-        with _replayed(rng), fwad.dual_level():
-            duals = {name: fwad.make_dual(p.detach(), tangents[name]) if name in tangents else p.detach()
-                     for name, p in params.items()}
-            out = functional_call(model, (duals, {name: b.clone() for name, b in buffers.items()}), (x,))
-            primal, tangent = fwad.unpack_dual(out)
-    except NotImplementedError as error:  # an operation without a forward-mode formula (weight_norm, say)
-        if "forward" not in str(error):
-            raise
-        return _double_backward_jvp(model, params, buffers, x, tangents, rng, str(error).splitlines()[0])
-    if tangent is None:
-        tangent = torch.zeros_like(primal)
-    return primal, tangent
+    if model not in _NO_FORWARD_AD:
+        try:
+            with jvp_kernels(), replay_rng(rng), fwad.dual_level():
+                duals = {name: fwad.make_dual(p.detach(), tangents[name]) if name in tangents else p.detach()
+                         for name, p in params.items()}
+                out = functional_call(model, (duals, {name: b.clone() for name, b in buffers.items()}), (x,))
+                primal, tangent = fwad.unpack_dual(out)
+            return primal, torch.zeros_like(primal) if tangent is None else tangent
+        except NotImplementedError as error:  # an operation without a forward-mode formula (weight_norm, say)
+            if "forward" not in str(error):
+                raise
+            _NO_FORWARD_AD.add(model)  # its later JVPs go straight to double backward, without a failed try
+            reason = str(error).splitlines()[0]
+            if reason not in _WARNED_DOUBLE_BACKWARD:
+                _WARNED_DOUBLE_BACKWARD.add(reason)
+                warnings.warn(f"forward-mode AD failed on this student ({reason}); its hypergradients are taken by "
+                              "double backward instead: exact, and slower", RuntimeWarning, stacklevel=3)
+    return _double_backward_jvp(model, params, buffers, x, tangents, rng)
 
 
-@contextmanager
-def _replayed(rng: RngState | None) -> Iterator[None]:
-    """`jvp_kernels()`, and the step's RNG state replayed when given."""
-    with ExitStack() as stack:
-        stack.enter_context(jvp_kernels())
-        if rng is not None:
-            stack.enter_context(replay_rng(rng))
-        yield
-
-
-_WARNED_DOUBLE_BACKWARD: set[str] = set()
+_NO_FORWARD_AD: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models forward-mode AD failed on
+_WARNED_DOUBLE_BACKWARD: set[str] = set()  # the causes already warned about
 
 
 def _double_backward_jvp(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor,
-                         tangents: dict[str, Tensor], rng: RngState | None, reason: str) -> tuple[Tensor, Tensor]:
+                         tangents: dict[str, Tensor], rng: RngState | None) -> tuple[Tensor, Tensor]:
     """`generic_jvp` for a model that forward-mode AD cannot differentiate: J u = d/dv <J^T v, u> by double
-    backward (reverse over reverse), exact too, at 2.3x the cost on the Fashion-MNIST student. Warns once per
-    reason."""
-    if reason not in _WARNED_DOUBLE_BACKWARD:
-        _WARNED_DOUBLE_BACKWARD.add(reason)
-        warnings.warn(f"forward-mode AD failed on this student ({reason}); its hypergradients are taken by "
-                      "double backward instead: exact, and slower", RuntimeWarning, stacklevel=3)
+    backward (reverse over reverse), exact too, at 2.3x the cost on the Fashion-MNIST student."""
     leaves = {name: p.detach().requires_grad_(name in tangents) for name, p in params.items()}
-    with _replayed(rng), torch.enable_grad():
+    with jvp_kernels(), replay_rng(rng), torch.enable_grad():
         out = functional_call(model, (leaves, {name: b.clone() for name, b in buffers.items()}), (x,))
         names = [name for name in tangents if name in leaves]
         v = torch.zeros_like(out, requires_grad=True)
