@@ -19,6 +19,7 @@ from .engine import Outcome, batchable
 from .problem import Problem
 from .records import load_record, run_dir, save_diverged, save_run
 from .results import DivergenceError, RunResult
+from .runtime import ray_runtime
 from .tasks import Task, context_of, load_problem, load_vision_config, run_identity, run_task
 
 EXECUTORS = ("local", "ray")
@@ -144,6 +145,8 @@ def run_experiment(config: ExperimentConfig, methods: list[str], seeds: list[int
             for task, outcomes in run_on_ray(config, remote, out, ray_address, ray_num_cpus, quiet, log):
                 grid.finish(task, outcomes, facts, quiet, log)
             tasks = [task for task in tasks if task.method == "pbt"]
+        elif any(task.method == "pbt" for task in tasks):  # one local runtime for all the grid's pbt searches
+            stack.enter_context(ray_runtime(ray_address, ray_num_cpus, quiet=True, needs="method pbt"))
         for task in tasks:
             with _local_progress(config, task, quiet) as bar:
                 def progress(done: int, total: int, bar: tqdm = bar) -> None:

@@ -22,7 +22,6 @@ from .optuna_search import optuna_search
 from .pbt import pbt_search
 from .problem import Problem
 from .results import DivergenceError
-from .runtime import ray_runtime
 from .search import hyperopt_search_batched
 from .teacher import TeacherResult, entry_name, get_teacher
 
@@ -127,11 +126,10 @@ def run_task(config: ExperimentConfig, problem: Problem, task: Task, out: Path, 
         return [_outcome(functools.partial(optuna_search, problem, train_config, seed, config.optuna_budget,
                                            config.optuna_pruner, progress, checkpoint_dir / f"seed_{seed}",
                                            identity[i])) for i, seed in enumerate(task.seeds)]
-    if task.method == "pbt":
-        with ray_runtime(ray_address, ray_num_cpus, quiet=True, needs="method pbt"):
-            return [_outcome(functools.partial(pbt_search, problem, train_config, seed, config.pbt_population,
-                                               config.pbt_interval, ray_address, ray_num_cpus, config.threads or 1,
-                                               checkpoint_dir / f"seed_{seed}", identity[i], progress))
-                    for i, seed in enumerate(task.seeds)]
+    if task.method == "pbt":  # (run_experiment holds one Ray runtime for all of them)
+        return [_outcome(functools.partial(pbt_search, problem, train_config, seed, config.pbt_population,
+                                           config.pbt_interval, ray_address, ray_num_cpus, config.threads or 1,
+                                           checkpoint_dir / f"seed_{seed}", identity[i], progress))
+                for i, seed in enumerate(task.seeds)]
     return fit_batched(problem, [config.strategy(task.method) for _ in task.seeds], train_config, task.seeds,
                        progress, checkpoint_dir / "train.ckpt", identity)
