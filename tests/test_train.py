@@ -5,10 +5,13 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
+from metadistill import Gradient
 from metadistill.config import build_config
 from metadistill.data.synthetic import SPLITS, STUDENT_FEATURES, synthetic_problem
-from metadistill.engine import fit
+from metadistill.engine import Engine, Parallel, fit
+from metadistill.problem import Problem
 from metadistill.results import DivergenceError
 from metadistill.search import hyperopt_search
 from metadistill.train import TrainConfig
@@ -117,12 +120,6 @@ def test_hyperopt_skips_diverging_trials(problem, monkeypatch):
 
 @pytest.mark.usefixtures("float64")
 def test_a_single_cnn_student_trains_channels_last_with_the_same_numbers():
-    from torch import nn
-
-    from metadistill import Gradient
-    from metadistill.engine import Engine, Parallel
-    from metadistill.problem import Problem
-
     def cnn():
         return nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                              nn.Linear(3 * 3 * 3, 4))
