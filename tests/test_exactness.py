@@ -8,6 +8,7 @@ the engine is asserted too: the tape only for chains it can prove, the generic e
 """
 
 import itertools
+import threading
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -427,3 +428,37 @@ def test_transformer_encoder_layer_train_and_eval():
         if mode == "train":
             primal, _ = step.jvp(rng=step.rng)
             assert torch.equal(primal, step.logits.detach())
+
+
+def kernel_flags() -> tuple[bool, bool]:
+    return torch.backends.mha.get_fastpath_enabled(), torch.backends.cuda.flash_sdp_enabled()
+
+
+def test_jvp_kernels_across_threads():
+    """The kernel switches are process-wide: a thread that leaves `jvp_kernels` first must not switch the flash
+    kernels and the fast path back on under another thread still inside, and the last one out restores them."""
+    before = kernel_flags()
+    assert before == (True, True)  # PyTorch's defaults, so that a restore is visible
+    entered, first_left, seen = threading.Barrier(2), threading.Event(), {}
+
+    def first():
+        with jvp_kernels():
+            entered.wait()
+        first_left.set()
+
+    def second():
+        with jvp_kernels():
+            entered.wait()
+            first_left.wait()
+            seen["inside, after the first left"] = kernel_flags()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen["inside, after the first left"] == (False, False)
+    assert kernel_flags() == before
+    with jvp_kernels():  # and it can be entered again
+        assert kernel_flags() == (False, False)
+    assert kernel_flags() == before

@@ -19,10 +19,11 @@ Both are checked against each other and against double-backward oracles in the t
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -254,14 +255,31 @@ def jvp_kernels() -> Iterator[None]:
 
     Wrap the step's own forward in it when the step is kept for a hypergradient, so that its
     attention-dropout masks are drawn by the same kernel as in the replay.
+
+    Both switches are process-wide flags of PyTorch, so the block is counted across threads (and nested
+    blocks): the first block to enter sets them, the last one to leave restores what it found. A thread
+    that leaves early cannot switch the flash kernels back on under another thread still inside.
     """
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
+    global _kernel_users
+    with _kernel_lock:
+        if _kernel_users == 0:
+            fastpath = torch.backends.mha.get_fastpath_enabled()
+            _kernel_flags.callback(torch.backends.mha.set_fastpath_enabled, fastpath)
+            torch.backends.mha.set_fastpath_enabled(False)
+            _kernel_flags.enter_context(sdpa_kernel(SDPBackend.MATH))
+        _kernel_users += 1
     try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
+        yield
     finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
+        with _kernel_lock:
+            _kernel_users -= 1
+            if _kernel_users == 0:
+                _kernel_flags.close()
+
+
+_kernel_lock = threading.Lock()
+_kernel_users = 0  # blocks of jvp_kernels now open, in all threads
+_kernel_flags = ExitStack()  # restores the flags the first open block found
 
 
 def generic_jvp(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor,
