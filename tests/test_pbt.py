@@ -3,6 +3,7 @@ steps, the choice is validation-only and seeded, an interrupted search goes on; 
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from metadistill.data.synthetic import synthetic_problem
 from metadistill.experiment import run_experiment
 from metadistill.pbt import PERTURBATION_FACTORS, pbt_search
 from metadistill.results import DivergenceError
+from metadistill.strategies import random_metaparameters
 from metadistill.train import TrainConfig
 
 CONFIG = TrainConfig(epochs=300, batch_size=0, lr=1.0, t_val=0.1, eval_every=100)
@@ -101,6 +103,25 @@ def test_a_search_whose_every_member_diverges_is_a_divergence_error(problem, ray
     with pytest.raises(DivergenceError, match="every pbt member diverged"):
         pbt_search(dataclasses.replace(problem, x_train=x_train), dataclasses.replace(CONFIG, epochs=INTERVAL), seed=2,
                    population=2)
+
+
+def test_a_diverged_member_scores_zero_and_is_replaced_at_the_next_exploit(problem, ray_runtime):
+    """Seed 2's members start at T = 0.40 and 5.13; a teacher logit of 3e38 is finite over T > 1 but not over
+    T < 1, so only the first member's loss is not finite (from its first step)."""
+    teacher_train = problem.teacher_train.clone()
+    teacher_train[0, 0] = 3e38
+    starts = [random_metaparameters([2, k]).temperature for k in range(2)]
+    assert starts[0] < 1 < starts[1]
+    searched = pbt_search(dataclasses.replace(problem, teacher_train=teacher_train), CONFIG, seed=2, population=2)
+    diverged = searched.extra["divergences"]
+    assert len(diverged) == 1 and diverged[0]["step"] == 0 and diverged[0]["lam"][1] == starts[0]
+    first = [event for event in searched.extra["exploits"] if event["step"] == INTERVAL]
+    assert len(first) == 1 and first[0]["trial"] == diverged[0]["trial"]  # the diverged member copied the other
+    assert first[0]["copied_temperature"] == starts[1]
+    assert first[0]["weights_loaded"] == first[0]["weights_saved"]
+    assert not any(member["failed"] for member in searched.extra["members"])  # it trained on from the copy
+    assert searched.steps == 2 * CONFIG.epochs  # the diverged member's steps count too
+    assert math.isfinite(searched.final_val_acc) and searched.final_val_acc > 0.5
 
 
 def test_pbt_runs_in_a_grid_and_is_recorded(ray_runtime, tmp_path):

@@ -9,7 +9,8 @@ are taken when every member is at the same step), lets the bottom quantile explo
 training state (weights, optimizer, lr schedule, data position, lambda and lambda history) and explore from
 there (PBT's own explore: lambda1 and T each multiplied by 0.8 or 1.2, or resampled from the space with
 probability 0.25; then projected onto the bounds). A member whose training diverged scores 0 and is replaced
-at the next exploit.
+at the next exploit; each divergence (member, step, lambda, message) is kept in the record's
+extra["divergences"].
 
 The run's result is the member with the best validation accuracy at the end (the test set takes no part in
 any choice); its lambda trajectory is its lineage, since a member that copies another copies its history. The
@@ -143,7 +144,8 @@ def _member_trainable(tune: Any) -> type:
             exploited, self.exploited = self.exploited, ""
             return {"val_acc": 0.0 if failed else run.evaluations.points[-1]["val_acc"], "steps_taken": end - start,
                     "student_step": end, "failed": failed, "done": end == engine.schedule.total_steps,
-                    "exploited": exploited}
+                    "exploited": exploited, "failure": json.dumps({"trial": self.trial_id, **run.failed}) if failed
+                    else ""}
 
         def save_checkpoint(self, checkpoint_dir: str) -> None:
             state = {**self.engine.state_dict(self.next_step - 1), "trial": self.trial_id,
@@ -175,13 +177,15 @@ def _member_trainable(tune: Any) -> type:
 
 
 def _cost_callback(tune: Any, path: Path, progress: Callable[[int], None] | None) -> Any:
-    """A driver-side callback that sums every member's steps, the wall time and every exploit, kept in `path` so
-    that a resumed search adds on."""
+    """A driver-side callback that sums every member's steps, the wall time, every exploit and every divergence
+    (a member's first non-finite loss since its last start or exploit), kept in `path` so that a resumed search
+    adds on."""
 
     class Cost(tune.Callback):
         def __init__(self) -> None:
             saved = json.loads(path.read_text()) if path.exists() else {"steps": 0, "wall_s": 0.0, "exploits": []}
             self.steps, self.earlier_wall, self.exploits = saved["steps"], saved["wall_s"], saved["exploits"]
+            self.divergences = saved.get("divergences", [])
             self.started = time.perf_counter()
 
         def wall(self) -> float:
@@ -191,7 +195,11 @@ def _cost_callback(tune: Any, path: Path, progress: Callable[[int], None] | None
             self.steps += int(result["steps_taken"])
             if result.get("exploited"):
                 self.exploits.append(json.loads(result["exploited"]))
-            write_atomic(path, json.dumps({"steps": self.steps, "wall_s": self.wall(), "exploits": self.exploits}))
+            failure = json.loads(result["failure"]) if result.get("failure") else None
+            if failure is not None and failure not in self.divergences:  # reported again until it is replaced
+                self.divergences.append(failure)
+            write_atomic(path, json.dumps({"steps": self.steps, "wall_s": self.wall(), "exploits": self.exploits,
+                                           "divergences": self.divergences}))
             if progress is not None:
                 progress(self.steps)
 
@@ -321,7 +329,7 @@ def pbt_search(problem: Data, config: TrainConfig, seed: int, population: int = 
     outcome.wall_s = cost.earlier_wall + time.perf_counter() - started
     outcome.extra = {**outcome.extra, "population": population, "interval": engine.schedule.eval_every,
                      "starts": [list(lam.as_tuple()) for lam in starts], "lineage": best_state["lineage"],
-                     "exploits": cost.exploits,
+                     "exploits": cost.exploits, "divergences": cost.divergences,
                      "members": [{"final_val_acc": result.metrics["val_acc"], "failed": result.metrics["failed"],
                                   "lam": state["runs"][0]["lam"], "lineage": state["lineage"]}
                                  for result, state in members],
