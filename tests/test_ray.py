@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -99,3 +100,27 @@ def test_killed_ray_grid_reruns_only_the_missing_runs(tmp_path):
     second = finished()
     assert len(second) == 9
     assert all(second[p] == stamp for p, stamp in first.items())  # finished runs were not redone
+
+
+def test_only_rays_token_auth_notice_is_left_out():
+    """Ray's notice that a new local runtime turned on token authentication is dropped at ray.init; its other
+    lines (the warning that a cluster runs without authentication) are not."""
+    pytest.importorskip("ray")
+    import importlib
+
+    from metadistill import runtime
+
+    setup = importlib.import_module(runtime._TOKEN_LOGGER)  # the module that logs the notice, in this ray
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    setup.logger.addHandler(handler)  # ray's loggers do not propagate to the root
+    try:
+        with runtime._without_token_notice():
+            setup._warn_token_auth_enabled()
+            setup._warn_token_auth_disabled()
+        assert [message[:50] for message in seen] == ["Token authentication is disabled for this Ray clus"]
+        setup._warn_token_auth_enabled()  # outside the block, the logger is as it was
+        assert seen[-1].startswith(runtime._TOKEN_NOTICE)
+    finally:
+        setup.logger.removeHandler(handler)

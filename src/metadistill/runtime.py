@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import logging
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -52,9 +53,32 @@ def ray_runtime(address: str | None = None, num_cpus: int | None = None, quiet: 
     started_here = not ray.is_initialized()
     if started_here:
         options = {"address": address} if address else {"num_cpus": num_cpus, "include_dashboard": False}
-        ray.init(**options, log_to_driver=not quiet, configure_logging=False)
+        with _without_token_notice():
+            ray.init(**options, log_to_driver=not quiet, configure_logging=False)
     try:
         yield ray
     finally:
         if started_here:
             ray.shutdown()
+
+
+_TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
+_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+class _DropTokenNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_TOKEN_NOTICE)
+
+
+@contextlib.contextmanager
+def _without_token_notice() -> Iterator[None]:
+    """Ray's notice, at every start of a local runtime, that it turned on token authentication (its secure
+    default, which stays on) is not printed. Every other line of that logger still is: the warning that a
+    cluster runs without authentication, say."""
+    logger, notice = logging.getLogger(_TOKEN_LOGGER), _DropTokenNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
