@@ -6,8 +6,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
@@ -141,11 +139,8 @@ def test_pbt_settings_are_checked():
         build_config("synthetic", ["pbt_interval=-1"])
 
 
-def test_pbt_without_ray_is_one_clear_error(tmp_path):
-    code = ("import sys; sys.modules['ray'] = None; from metadistill.cli import main; "
-            f"sys.exit(main(['run', '--dataset', 'synthetic', '--method', 'pbt', '--quiet', '--out', '{tmp_path}']))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        "metadistill: error: method pbt needs ray: pip install 'metadistill[ray]'"]
+def test_pbt_without_ray_is_one_clear_error(tmp_path, cli_without_ray):
+    code, stderr = cli_without_ray(["run", "--dataset", "synthetic", "--method", "pbt", "--quiet", "--out",
+                                    str(tmp_path)])
+    assert (code, stderr) == (2, ["metadistill: error: method pbt needs ray: pip install 'metadistill[ray]'"])
     assert not list(tmp_path.glob("synthetic/pbt/run_*"))

@@ -40,13 +40,9 @@ def test_the_default_executor_never_imports_ray(tmp_path):
     assert done.returncode == 0, done.stderr
 
 
-def test_ray_executor_without_ray_installed_is_one_clear_error(tmp_path):
-    code = ("import sys; sys.modules['ray'] = None; from metadistill.cli import main; "
-            f"sys.exit(main({GRID + ['--methods', 'naive', '--executor', 'ray', '--out', str(tmp_path)]!r}))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        "metadistill: error: --executor ray needs ray: pip install 'metadistill[ray]'"]
+def test_ray_executor_without_ray_installed_is_one_clear_error(tmp_path, cli_without_ray):
+    code, stderr = cli_without_ray(GRID + ["--methods", "naive", "--executor", "ray", "--out", str(tmp_path)])
+    assert (code, stderr) == (2, ["metadistill: error: --executor ray needs ray: pip install 'metadistill[ray]'"])
 
 
 def test_ray_options_need_the_ray_executor(tmp_path):
