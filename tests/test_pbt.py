@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import tempfile
 
 import pytest
 
@@ -95,12 +96,14 @@ def test_an_interrupted_search_goes_on_from_the_members_last_common_checkpoint(p
     assert list(tmp_path.glob("pbt_seed_1_before_step_200"))  # it went on from step 200
 
 
-def test_a_search_whose_every_member_diverges_is_a_divergence_error(problem, ray_runtime):
+def test_a_search_whose_every_member_diverges_is_a_divergence_error(problem, ray_runtime, tmp_path, monkeypatch):
     x_train = problem.x_train.clone()
     x_train[0, 0] = float("nan")  # full-batch steps: every member's loss is not finite from the first step
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the members' checkpoints go
     with pytest.raises(DivergenceError, match="every pbt member diverged"):
         pbt_search(dataclasses.replace(problem, x_train=x_train), dataclasses.replace(CONFIG, epochs=INTERVAL), seed=2,
                    population=2)
+    assert not list(tmp_path.glob("metadistill-pbt-*"))  # removed, though the search ended in an error
 
 
 def test_a_diverged_member_scores_zero_and_is_replaced_at_the_next_exploit(problem, ray_runtime):

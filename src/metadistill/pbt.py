@@ -263,11 +263,15 @@ def pbt_search(problem: Data, config: TrainConfig, seed: int, population: int = 
     tune = require_tune()
     from ray.tune.schedulers import PopulationBasedTraining
 
+    if checkpoint_dir is None:  # the members' checkpoints go to a directory removed however the search ends
+        with tempfile.TemporaryDirectory(prefix="metadistill-pbt-", ignore_cleanup_errors=True) as temporary:
+            return pbt_search(problem, config, seed, population, interval, address, num_cpus, threads,
+                              Path(temporary), identity, progress)
+
     started = time.perf_counter()
     member_config = dataclasses.replace(config, eval_every=interval) if interval else config
     starts = [random_metaparameters([seed, k]) for k in range(population)]
-    storage = Path(checkpoint_dir) if checkpoint_dir is not None else Path(tempfile.mkdtemp(prefix="metadistill-pbt-"))
-    storage = storage.resolve()
+    storage = Path(checkpoint_dir).resolve()
     name = f"pbt_seed_{seed}"
     key_path = storage / "identity.json"
     key = json.dumps({"identity": identity, "seed": seed, "population": population, "interval": interval,
@@ -334,6 +338,4 @@ def pbt_search(problem: Data, config: TrainConfig, seed: int, population: int = 
                                   "lam": state["runs"][0]["lam"], "lineage": state["lineage"]}
                                  for result, state in members],
                      "final": "the member with the best validation accuracy at the end"}
-    if checkpoint_dir is None:
-        shutil.rmtree(storage, ignore_errors=True)
     return outcome
