@@ -133,6 +133,33 @@ def test_report_skips_a_torn_or_foreign_record_with_a_warning(tmp_path, capsys):
     assert "naive" in captured.out and main(["plot", str(out)]) == 0
 
 
+def test_report_compares_the_methods_run_by_run_and_lists_every_run(tmp_path):
+    """Handmade records: three seeds of two methods, b's run 2 diverged; the pairwise cell is over seeds 0 and 1."""
+    out = tmp_path / "records"
+    accuracies = {"naive": {0: 0.80, 1: 0.85, 2: 0.90}, "hyperopt": {0: 0.83, 1: 0.84}}
+    for method, by_seed in accuracies.items():
+        for seed, acc in by_seed.items():
+            record = {"method": method, "seed": seed, "final_test_acc": acc, "final_val_acc": acc - 0.01,
+                      "wall_s": 1.0, "steps": 10, "hypergrad_evals": 0, "full_trainings": 1, "extra": {"code": "v"}}
+            (out / "synthetic" / method / f"run_{seed:03d}").mkdir(parents=True)
+            (out / "synthetic" / method / f"run_{seed:03d}" / "result.json").write_text(json.dumps(record))
+    (out / "synthetic" / "hyperopt" / "run_002").mkdir()
+    (out / "synthetic" / "hyperopt" / "run_002" / "diverged.json").write_text(json.dumps(
+        {"seed": 2, "message": "loss nan", "step": 3, "lam": [0.5, 1.0], "wall_s": 0.5}))
+    assert main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "| 2 | 0.9000 | diverged |" in report
+    # naive - hyperopt over seeds 0 and 1: (-0.03 + 0.01) / 2
+    assert "| naive |  | -0.0100 (1 ahead, 1 behind) |" in report
+    assert "| hyperopt | +0.0100 (1 ahead, 1 behind) |  |" in report
+    rows = (out / "runs.csv").read_text().splitlines()
+    assert rows[0].startswith("dataset,method,seed,status,final_test_acc,final_val_acc") and len(rows) == 7
+    assert rows[1:] == [
+        "synthetic,naive,0,finished,0.8,0.79,,,10,0,1,1,v", "synthetic,naive,1,finished,0.85,0.84,,,10,0,1,1,v",
+        "synthetic,naive,2,finished,0.9,0.89,,,10,0,1,1,v", "synthetic,hyperopt,0,finished,0.83,0.82,,,10,0,1,1,v",
+        "synthetic,hyperopt,1,finished,0.84,0.83,,,10,0,1,1,v", "synthetic,hyperopt,2,diverged,,,,,,,,0.5,-"]
+
+
 class _Crafted:
     def __init__(self, marker):
         self.marker = marker

@@ -100,7 +100,7 @@ def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
                              "command exits 1)")
     parser.add_argument("--out", type=Path, default=Path("runs"),
                         help="records directory: DATASET/METHOD/run_SEED/ with config.json, history.jsonl, "
-                             "result.json; report.md and results.csv at its top (default ./runs)")
+                             "result.json; report.md, results.csv and runs.csv at its top (default ./runs)")
     parser.add_argument("--epochs", type=_positive_int, help="shorthand for --set epochs=N")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
     parser.add_argument("--executor", choices=EXECUTORS, default="local",
@@ -128,14 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
     reproduce = commands.add_parser("reproduce", help="the paper's methods and ours on one dataset",
                                     description="Run the methods (default " + ", ".join(DEFAULT_METHODS) + ") --runs "
-                                    "times with the dataset's preset, write report.md and results.csv under --out, "
-                                    "print the table. Rerunning resumes: finished runs are skipped.")
+                                    "times with the dataset's preset, write report.md, results.csv and runs.csv under "
+                                    "--out, print the table. Rerunning resumes: finished runs are skipped.")
     reproduce.add_argument("--methods", help="comma-separated methods (default: " + ", ".join(DEFAULT_METHODS) +
                            "; also: " + ", ".join(m for m in METHODS if m not in DEFAULT_METHODS) + ")")
     _add_experiment_options(reproduce)
     reproduce.set_defaults(func=_reproduce)
-    report = commands.add_parser("report", help="rebuild report.md and results.csv from the records in DIR",
-                                 description="Rebuild report.md and results.csv from the records alone.")
+    report = commands.add_parser("report", help="rebuild report.md, results.csv and runs.csv from the records in DIR",
+                                 description="Rebuild report.md, results.csv and runs.csv from the records alone.")
     report.add_argument("dir", type=Path, help="a records directory written by run or reproduce")
     report.set_defaults(func=_report)
     plot = commands.add_parser("plot", help="rebuild the figures (PNG) from the records in DIR",
@@ -217,7 +217,7 @@ def _experiment(args: argparse.Namespace, methods: list[str]) -> int:
     write_figures(args.out)
     write_report(args.out)
     print(text_table(summarize(config.dataset, results)))
-    print(f"records, report.md, results.csv and figures/ in {args.out}")
+    print(f"records, report.md, results.csv, runs.csv and figures/ in {args.out}")
     if diverged is not None:
         raise diverged
     return 0
@@ -259,7 +259,7 @@ def _report(args: argparse.Namespace) -> int:
     tables = write_report(args.dir)
     for dataset, rows in tables.items():
         print(f"{dataset}\n{text_table(rows)}\n")
-    print(f"report.md and results.csv rebuilt in {args.dir}")
+    print(f"report.md, results.csv and runs.csv rebuilt in {args.dir}")
     return 0
 
 

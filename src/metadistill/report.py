@@ -1,4 +1,5 @@
-"""Results tables from recorded runs (never reruns anything): mean, sd, max, cost, the paper's column."""
+"""Results tables from recorded runs (never reruns anything): mean, sd, max, cost, the paper's column, and the
+run-by-run comparison of the methods over the same seeds (report.md) with every run's numbers (runs.csv)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,58 @@ def summarize(dataset: str, by_method: dict[str, list[dict]], diverged: dict[str
     return rows
 
 
+RUN_COLUMNS = ["dataset", "method", "seed", "status", "final_test_acc", "final_val_acc", "final_lambda1",
+               "final_temperature", "steps", "hypergrad_evals", "full_trainings", "wall_s", "code"]
+
+
+def per_run_rows(dataset: str, by_method: dict[str, list[dict]], diverged: dict[str, list[dict]] | None = None
+                 ) -> list[dict]:
+    """One row per recorded run, finished or diverged, in method then seed order (runs.csv)."""
+    rows = []
+    for method in sorted(set(by_method) | set(diverged or {}), key=method_order):
+        runs = [(run, "finished") for run in by_method.get(method, [])]
+        runs += [(info, "diverged") for info in (diverged or {}).get(method, [])]
+        for run, status in sorted(runs, key=lambda pair: pair[0]["seed"]):
+            rows.append({"dataset": dataset, "method": method, "seed": run["seed"], "status": status,
+                         **{key: run.get(key) for key in RUN_COLUMNS[4:-1]},
+                         "code": run.get("extra", {}).get("code", "-")})
+    return rows
+
+
+def run_by_run(by_method: dict[str, list[dict]], diverged: dict[str, list[dict]] | None = None) -> str:
+    """Markdown: each seed's final test accuracy under every method, and for every pair of methods the mean
+    difference over the seeds both finished, with the runs in which the first was ahead and behind. Empty with
+    fewer than two methods."""
+    methods = sorted(by_method, key=method_order)
+    if len(methods) < 2:
+        return ""
+    acc = {method: {run["seed"]: float(run["final_test_acc"]) for run in by_method[method]} for method in methods}
+    failed = {method: {info["seed"] for info in (diverged or {}).get(method, [])} for method in methods}
+    seeds = sorted({seed for method in methods for seed in acc[method]} | {s for f in failed.values() for s in f})
+
+    def cell(method: str, seed: int) -> str:
+        return f"{acc[method][seed]:.4f}" if seed in acc[method] else "diverged" if seed in failed[method] else "-"
+
+    lines = ["Final test accuracy of each run (run r: seed r for every method):", "",
+             "| seed | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]
+    lines += ["| " + " | ".join([str(seed), *(cell(method, seed) for method in methods)]) + " |" for seed in seeds]
+    lines += ["", "Row minus column, run by run over the seeds both finished: mean difference of test accuracy "
+              "(in how many runs the row was ahead of the column, and behind it).", "",
+              "| | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]
+    for row in methods:
+        cells = []
+        for column in methods:
+            common = sorted(set(acc[row]) & set(acc[column]))
+            if row == column or not common:
+                cells.append("")
+                continue
+            differences = np.array([acc[row][seed] - acc[column][seed] for seed in common])
+            ahead, behind = int((differences > 1e-12).sum()), int((differences < -1e-12).sum())
+            cells.append(f"{round(float(differences.mean()), 4) + 0.0:+.4f} ({ahead} ahead, {behind} behind)")
+        lines.append("| " + " | ".join([row, *cells]) + " |")
+    return "\n".join(lines)
+
+
 def _fmt(value: object, digits: int = 3) -> str:
     if isinstance(value, float):
         if np.isnan(value):
@@ -108,7 +161,8 @@ def environment() -> str:
 
 
 def write_report(out: Path) -> dict[str, list[dict]]:
-    """report.md and results.csv under `out` from the finished runs; returns the rows per dataset."""
+    """report.md, results.csv and runs.csv (every run, finished or diverged) under `out` from the records; returns
+    the rows per dataset."""
     out = Path(out)
     runs = finished_runs(out)
     diverged = diverged_runs(out)
@@ -124,6 +178,9 @@ def write_report(out: Path) -> dict[str, list[dict]]:
         parts += [f"## {dataset}", "", markdown_table(rows), ""]
         for method, infos in sorted(diverged.get(dataset, {}).items()):
             parts += [f"- {method} run {info['seed']} diverged: {info['message']}" for info in infos] + [""]
+        paired = run_by_run(runs[dataset], diverged.get(dataset))
+        if paired:
+            parts += ["### Run by run", "", paired, ""]
         teacher = sorted({run["extra"]["teacher_test_acc"] for method_runs in runs[dataset].values()
                           for run in method_runs if "teacher_test_acc" in run.get("extra", {})})
         if teacher:
@@ -142,6 +199,8 @@ def write_report(out: Path) -> dict[str, list[dict]]:
         parts += ["Runs recorded with " + "; ".join(recorded) + ".", ""]
     write_atomic(out / "report.md", "\n".join(parts))
     write_atomic(out / "results.csv", csv_text(tables))
+    write_atomic(out / "runs.csv", runs_csv_text([row for dataset, by_method in sorted(runs.items())
+                                                  for row in per_run_rows(dataset, by_method, diverged.get(dataset))]))
     return tables
 
 
@@ -153,4 +212,14 @@ def csv_text(tables: dict[str, list[dict]]) -> str:
         for row in rows:
             writer.writerow({"dataset": dataset, **{k: (f"{v:.6g}" if isinstance(v, float) else v)
                                                     for k, v in row.items()}})
+    return buffer.getvalue()
+
+
+def runs_csv_text(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=RUN_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: ("" if value is None else f"{value:.6g}" if isinstance(value, float) else value)
+                         for key, value in row.items()})
     return buffer.getvalue()
