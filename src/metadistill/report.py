@@ -156,7 +156,8 @@ def cpu_model() -> str:
 def environment() -> str:
     import torch
 
-    return (f"Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    threads = torch.get_num_threads()
+    return (f"Python {platform.python_version()}, torch {torch.__version__} ({threads} thread{'s' * (threads != 1)}), "
             f"numpy {np.__version__}; {cpu_model()}; {platform.system()} {platform.release()}")
 
 
