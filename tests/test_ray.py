@@ -120,3 +120,16 @@ def test_only_rays_token_auth_notice_is_left_out():
         assert seen[-1].startswith(runtime._TOKEN_NOTICE)
     finally:
         setup.logger.removeHandler(handler)
+
+
+def test_a_local_runtime_runs_its_workers_at_normal_priority(monkeypatch):
+    """Ray's default worker niceness (15) starved pbt's members and the Ray executor's runs whenever they shared a
+    core with another process; a runtime started here runs them at 0, and leaves the environment as it was."""
+    pytest.importorskip("ray")
+    from metadistill.runtime import ray_runtime
+
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    with ray_runtime(None, 1, quiet=True) as ray:
+        niceness = ray.get(ray.remote(lambda: os.nice(0)).remote())
+    assert niceness == os.nice(0) == 0
+    assert "RAY_worker_niceness" not in os.environ

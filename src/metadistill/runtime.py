@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -53,7 +54,7 @@ def ray_runtime(address: str | None = None, num_cpus: int | None = None, quiet: 
     started_here = not ray.is_initialized()
     if started_here:
         options = {"address": address} if address else {"num_cpus": num_cpus, "include_dashboard": False}
-        with _without_token_notice():
+        with _without_token_notice(), _workers_at_normal_priority(local=not address):
             ray.init(**options, log_to_driver=not quiet, configure_logging=False)
     try:
         yield ray
@@ -62,6 +63,24 @@ def ray_runtime(address: str | None = None, num_cpus: int | None = None, quiet: 
             ray.shutdown()
 
 
+@contextlib.contextmanager
+def _workers_at_normal_priority(local: bool) -> Iterator[None]:
+    """A local runtime started here runs its workers at the caller's priority (niceness 0), not Ray's default
+    of 15: its workers do the training (pbt's members, the Ray executor's runs), and at niceness 15 they got
+    a small share of any core they shared with another process, so their wall times were not comparable with
+    the in-process methods'. The raylet reads RAY_worker_niceness when ray.init starts it; a value the user
+    set is kept, and a cluster's (`--ray-address`) is its own."""
+    if not local or _NICENESS in os.environ:
+        yield
+        return
+    os.environ[_NICENESS] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop(_NICENESS, None)
+
+
+_NICENESS = "RAY_worker_niceness"
 _TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
 _TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
 
