@@ -51,7 +51,9 @@ class _Search:
         dist = self.optuna.distributions.FloatDistribution
         self.space = {"lambda1": dist(0.0, 1.0), "log10_temperature": dist(-1.0, 1.0)}
         pruners = self.optuna.pruners
-        chosen = (pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1) if pruner == "median"
+        # the reports' step is the student step, so a trial can be pruned from its first evaluation on (an epoch on
+        # the image datasets); Optuna's default warm-up, none. (This read n_warmup_steps=1 before: the same.)
+        chosen = (pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) if pruner == "median"
                   else pruners.SuccessiveHalvingPruner())
         self.study = self.optuna.create_study(direction="maximize", pruner=chosen)
         self.trials: list[dict] = []
