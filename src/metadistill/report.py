@@ -121,7 +121,7 @@ def _fmt(value: object, digits: int = 3) -> str:
 def markdown_table(rows: list[dict]) -> str:
     header = ["method", "runs", "diverged", "test acc mean (max)", "sd", "paper mean (max)", "wall s / run",
               "wall s, all runs", "student steps / run", "hypergradients / run", "non-finite hypergradients / run",
-              "full trainings / run", "code version"]
+              "trainings started / run", "code version"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         lines.append("| " + " | ".join([
@@ -171,10 +171,11 @@ def write_report(out: Path) -> dict[str, list[dict]]:
               for dataset, by_method in sorted(runs.items())}
     parts = ["# metadistill results", "",
              "Final test accuracy over runs (run r uses seed r for every method): mean (max), sample sd; "
-             "cost is the mean per run. Runs trained together as one batch (batch_runs) record the batch's "
-             "wall time divided by its runs; \"wall s, all runs\" is the method's total. The paper's column is "
-             "its table (10 runs). Runs that diverged are counted apart and not in the accuracy; \"code version\" "
-             "names the code that produced the row's runs.", ""]
+             "cost is the mean per run (student steps count every step of every training; trainings started count "
+             "the searches' trials and members, pruned ones too). Runs trained together as one batch (batch_runs) "
+             "record the batch's wall time divided by its runs; \"wall s, all runs\" is the method's total. The "
+             "paper's column is its table (10 runs). Runs that diverged are counted apart and not in the accuracy; "
+             "\"code version\" names the code that produced the row's runs.", ""]
     for dataset, rows in tables.items():
         parts += [f"## {dataset}", "", markdown_table(rows), ""]
         for method, infos in sorted(diverged.get(dataset, {}).items()):
