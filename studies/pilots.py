@@ -27,9 +27,11 @@ def rows(root: Path) -> list[str]:
             val = [r["final_val_acc"] for r in results]
             lams = ", ".join(f"({r['final_lambda1']:.2f}, {r['final_temperature']:.2f})" for r in results)
             mean = f"{statistics.mean(val):.4f}" if val else "-"
+            # the validation loss at the last evaluation: what the hypergradient methods descend (at t_val)
+            loss = f"{statistics.mean(r['evals'][-1]['val_loss'] for r in results):.4f}" if results else "-"
             wall = f"{statistics.mean(r['wall_s'] for r in results):.0f}" if results else "-"
             out.append(f"| {variant.name} | {method_dir.name} | {len(results)} ({diverged}) | {mean} | "
-                       f"{' '.join(f'{v:.4f}' for v in val)} | {lams} | {wall} |")
+                       f"{' '.join(f'{v:.4f}' for v in val)} | {loss} | {lams} | {wall} |")
     return out
 
 
@@ -37,8 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", type=Path)
     args = parser.parse_args(argv)
-    print("| variant | method | runs (diverged) | final val acc, mean | per run | final (lambda1, T) | wall s / run |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | method | runs (diverged) | final val acc, mean | per run | final val loss, mean "
+          "| final (lambda1, T) | wall s / run |")
+    print("|---|---|---|---|---|---|---|---|")
     for root in args.dirs:
         print("\n".join(rows(root)))
 
