@@ -65,11 +65,12 @@ def ray_runtime(address: str | None = None, num_cpus: int | None = None, quiet: 
 
 @contextlib.contextmanager
 def _workers_at_normal_priority(local: bool) -> Iterator[None]:
-    """A local runtime started here runs its workers at the caller's priority (niceness 0), not Ray's default
-    of 15: its workers do the training (pbt's members, the Ray executor's runs), and at niceness 15 they got
-    a small share of any core they shared with another process, so their wall times were not comparable with
-    the in-process methods'. The raylet reads RAY_worker_niceness when ray.init starts it; a value the user
-    set is kept, and a cluster's (`--ray-address`) is its own."""
+    """A local runtime started here runs its workers at the caller's priority (Ray's worker niceness 0, an
+    increment over the caller's: a caller at niceness 5 gets workers at 5), not at Ray's default of 15. Its
+    workers do the training (pbt's members, the Ray executor's runs), and at niceness 15 they got a small share
+    of any core they shared with another process, so their wall times were not comparable with the in-process
+    methods'. The raylet reads RAY_worker_niceness when ray.init starts it; a value the user set is kept, and a
+    cluster's (`--ray-address`) is its own."""
     if not local or _NICENESS in os.environ:
         yield
         return
