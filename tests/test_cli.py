@@ -1,5 +1,6 @@
 """The command line: bad input, records, resume, report."""
 
+import errno
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 
 import pytest
 
+import metadistill.experiment as experiment
 from metadistill.cli import main
 from metadistill.config import DEFAULT_METHODS as METHODS
 
@@ -194,3 +196,27 @@ def test_torchrun_ddp_run_writes_the_records_of_the_one_process_run(tmp_path):
         assert y["temperature"] == pytest.approx(x["temperature"], rel=1e-5)
     first, second = (json.loads((d / run / "result.json").read_text()) for d in (single, ddp))
     assert second["final_test_acc"] == first["final_test_acc"] and second["extra"]["world_size"] == 2
+
+
+def test_a_full_disk_is_one_clear_error_and_keeps_the_finished_runs(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "records"
+    real, saved = experiment.save_run, []
+
+    def disk_full_after_one_run(directory, identity, result):
+        if saved:
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory / "result.json"))
+        saved.append(directory)
+        return real(directory, identity, result)
+
+    monkeypatch.setattr(experiment, "save_run", disk_full_after_one_run)
+    command = ["run", "--dataset", "synthetic", "--method", "naive", "--runs", "2", "--set", "batch_runs=1",
+               "--out", str(out), *FAST]
+    assert main(command) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"metadistill: error: No space left on device ({out}/synthetic/naive/run_001/result.json); "
+                   "finished runs are kept, free some space and rerun the same command to resume"]
+    stamp = os.stat(out / "synthetic" / "naive" / "run_000" / "result.json").st_mtime_ns
+    monkeypatch.setattr(experiment, "save_run", real)
+    assert main(command) == 0  # space again: run 1 only is trained
+    assert os.stat(out / "synthetic" / "naive" / "run_000" / "result.json").st_mtime_ns == stamp
+    assert (out / "synthetic" / "naive" / "run_001" / "result.json").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 import sys
 from collections.abc import Callable
@@ -278,6 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as stop:
         print("metadistill: interrupted; finished runs are kept, rerun the same command to resume", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
+    except OSError as error:  # a full disk: records and checkpoints are written atomically (pbt skips a torn member's)
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"metadistill: error: {error.strerror}{where}; finished runs are kept, free some space and rerun the "
+              "same command to resume", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         signal.signal(signal.SIGTERM, previous)
 
