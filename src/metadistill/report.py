@@ -207,21 +207,20 @@ def write_report(out: Path) -> dict[str, list[dict]]:
 
 
 def csv_text(tables: dict[str, list[dict]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["dataset", *COLUMNS], extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for dataset, rows in tables.items():
-        for row in rows:
-            writer.writerow({"dataset": dataset, **{k: (f"{v:.6g}" if isinstance(v, float) else v)
-                                                    for k, v in row.items()}})
-    return buffer.getvalue()
+    return _csv(["dataset", *COLUMNS],
+                [{"dataset": dataset, **row} for dataset, rows in tables.items() for row in rows])
 
 
 def runs_csv_text(rows: list[dict]) -> str:
+    return _csv(RUN_COLUMNS, rows)
+
+
+def _csv(fieldnames: list[str], rows: list[dict]) -> str:
+    """`rows` as CSV: the columns in `fieldnames` (other keys left out), floats to 6 significant digits, None
+    empty."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=RUN_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    for row in rows:
-        writer.writerow({key: ("" if value is None else f"{value:.6g}" if isinstance(value, float) else value)
-                         for key, value in row.items()})
+    writer.writerows({key: f"{value:.6g}" if isinstance(value, float) else value for key, value in row.items()}
+                     for row in rows)
     return buffer.getvalue()
