@@ -106,6 +106,19 @@ def test_a_search_whose_every_member_diverges_is_a_divergence_error(problem, ray
     assert not list(tmp_path.glob("metadistill-pbt-*"))  # removed, though the search ended in an error
 
 
+def test_a_members_own_error_reaches_the_caller_as_itself(problem, ray_runtime):
+    """A member that fails (here: the user's data does not fit the student) raises the worker's own exception in
+    the driver, not a wrapper whose message is Ray's whole traceback; that traceback stays in the chain."""
+    from ray.exceptions import RayTaskError
+
+    with pytest.raises(RuntimeError) as raised:
+        pbt_search(dataclasses.replace(problem, x_train=problem.x_train[:, :1]), dataclasses.replace(CONFIG, epochs=10),
+                   seed=2, population=2)
+    error = raised.value
+    assert "shapes cannot be multiplied" in str(error) and "ray::" not in str(error)
+    assert not isinstance(error, RayTaskError) and isinstance(error.__cause__, RayTaskError)
+
+
 def test_a_diverged_member_scores_zero_and_is_replaced_at_the_next_exploit(problem, ray_runtime):
     """Seed 2's members start at T = 0.40 and 5.13; a teacher logit of 3e38 is finite over T > 1 but not over
     T < 1, so only the first member's loss is not finite (from its first step)."""

@@ -1,6 +1,7 @@
 """The Ray executor (an optional extra): the same records as in-process, resume after a kill; ray never needed."""
 
 import csv
+import errno
 import json
 import logging
 import os
@@ -133,3 +134,22 @@ def test_a_local_runtime_runs_its_workers_at_normal_priority(monkeypatch):
         niceness = ray.get(ray.remote(lambda: os.nice(0)).remote())
     assert niceness == os.nice(0) == 0
     assert "RAY_worker_niceness" not in os.environ
+
+
+def test_an_error_in_a_ray_worker_is_reported_as_in_process(tmp_path, monkeypatch, capsys):
+    """A full disk on a worker is the command line's one line and exit 1, as in process; before, Ray's wrapper
+    (whose message is the worker's traceback, and whose errno is lost) went out as a traceback."""
+    pytest.importorskip("ray")
+    from metadistill import cli, ray_executor
+
+    def full_disk(config_values, method, seeds, out):
+        raise OSError(errno.ENOSPC, "No space left on device", out)
+
+    monkeypatch.setattr(ray_executor, "_task", full_disk)
+    code = cli.main([*GRID, "--runs", "1", "--methods", "naive", "--executor", "ray", "--ray-num-cpus", "1",
+                     "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.splitlines()[-1] == (f"metadistill: error: No space left on device ({tmp_path}); finished runs are "
+                                    "kept, free some space and rerun the same command to resume")
+    assert "Traceback" not in err

@@ -55,7 +55,7 @@ from .identity import tensor_fingerprint
 from .meta import LAMBDA1_BOUNDS, TEMPERATURE_BOUNDS, Metaparameters
 from .problem import steps_per_epoch
 from .results import DivergenceError, RunResult
-from .runtime import ray_runtime, require_ray
+from .runtime import ray_runtime, require_ray, worker_error
 from .strategies import Fixed, random_metaparameters
 from .train import Schedule, TrainConfig
 
@@ -313,7 +313,7 @@ def pbt_search(problem: Data, config: TrainConfig, seed: int, population: int = 
     for index in range(len(grid)):
         result = grid[index]
         if result.error is not None:
-            raise RuntimeError(f"a pbt member failed (seed {seed}): {result.error}")
+            raise worker_error(result.error)
         if not result.metrics.get("done"):  # Tune stops its trials on SIGINT and returns what it has
             raise KeyboardInterrupt(f"the pbt search of run {seed} was interrupted")
         state = torch.load(Path(result.checkpoint.path) / STATE_FILE, map_location="cpu", weights_only=True)

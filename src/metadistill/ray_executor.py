@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import ConfigError, ExperimentConfig
 from .engine import Outcome
-from .runtime import ray_runtime, require_ray
+from .runtime import ray_runtime, require_ray, worker_error
 from .tasks import Task, context_of, load_problem, load_vision_config, run_task
 
 
@@ -72,4 +72,8 @@ def run_on_ray(config: ExperimentConfig, tasks: list, out: Path, address: str | 
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             task = pending.pop(done[0])
-            yield task, ray.get(done[0])
+            try:
+                outcomes = ray.get(done[0])
+            except ray.exceptions.RayTaskError as error:
+                raise worker_error(error)  # noqa: B904 (its __cause__ is Ray's error)
+            yield task, outcomes

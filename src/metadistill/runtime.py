@@ -45,6 +45,19 @@ def require_ray(needs: str) -> Any:
     return ray
 
 
+def worker_error(error: BaseException) -> BaseException:
+    """The exception a Ray worker raised, for `error` as the driver received it (a RayTaskError, from ray.get
+    or a Tune trial's result): the original (a DataError, a full disk's OSError, ...), so that the command
+    line reports it as it would have in process, in one line, and not as Ray's wrapper whose message is the
+    worker's whole traceback. That traceback stays in the chain (`__cause__`), printed with any error the
+    command line does not report in one line. Any other exception is returned as it is."""
+    cause = getattr(error, "cause", None)
+    if not isinstance(cause, BaseException) or cause is error:
+        return error
+    cause.__cause__, cause.__suppress_context__ = error, True
+    return cause
+
+
 @contextlib.contextmanager
 def ray_runtime(address: str | None = None, num_cpus: int | None = None, quiet: bool = False,
                 needs: str = "--executor ray") -> Iterator[Any]:
