@@ -27,3 +27,23 @@ def cli_without_ray():
         return done.returncode, done.stderr.strip().splitlines()
 
     return run
+
+
+@pytest.fixture
+def tape_and_forward_mode():
+    """`compare(model, x)`: the model's logits on x and the JVP of the logits in random tangents, by the recorded
+    tape (metadistill.jvp.tape_jvp) and by forward-mode autograd (generic_jvp): (logits, tape, primal, expected),
+    after checking that the tape recorded the whole chain from x to the logits."""
+    from metadistill.jvp import generic_jvp, record_activations, tape_jvp
+
+    def compare(model: torch.nn.Module, x: torch.Tensor) -> tuple:
+        params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        tangents = {n: torch.randn_like(p) for n, p in params.items()}
+        with record_activations(model) as record:
+            logits = model(x)
+        assert record.chain(x, logits)
+        primal, expected = generic_jvp(model, params, buffers, x, tangents)
+        return logits, tape_jvp(record, params, buffers, tangents), primal, expected
+
+    return compare

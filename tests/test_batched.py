@@ -12,7 +12,6 @@ from torch import nn
 from metadistill.config import build_config
 from metadistill.data.synthetic import synthetic_problem
 from metadistill.engine import batchable, fit, fit_batched
-from metadistill.jvp import generic_jvp, record_activations, tape_jvp
 from metadistill.models import fashion_student, logistic_regression
 from metadistill.problem import IndexStream, Problem
 from metadistill.results import DivergenceError
@@ -121,21 +120,15 @@ def test_unsupported_models_fall_back_to_one_at_a_time():
     assert not batchable(image_problem(), dataclasses.replace(IMAGE, hypergrad_method="fd"))
 
 
-def test_stacked_tape_jvp_equals_forward_mode_and_per_run_hypergradients(float64):
+def test_stacked_tape_jvp_equals_forward_mode_and_per_run_hypergradients(float64, tape_and_forward_mode):
     """The per-run hypergradient of a stacked step is each run's own (tape and generic JVP agree)."""
     problem = image_problem()
     torch.manual_seed(3)
     models = [fashion_student() for _ in SEEDS]
     stacked = stack_models(models)
     x = problem.x_train[:16].unsqueeze(1).expand(-1, 3, -1, -1, -1).contiguous()
-    params = {n: p.detach().clone() for n, p in stacked.named_parameters()}
-    buffers = {n: b.detach().clone() for n, b in stacked.named_buffers()}
-    tangents = {n: torch.randn_like(p) for n, p in params.items()}
-    with record_activations(stacked) as record:
-        logits = stacked(x)
-    assert record.chain(x, logits)
-    _, expected = generic_jvp(stacked, params, buffers, x, tangents)
-    torch.testing.assert_close(tape_jvp(record, params, buffers, tangents), expected, rtol=1e-9, atol=1e-10)
+    _, tape, _, expected = tape_and_forward_mode(stacked, x)
+    torch.testing.assert_close(tape, expected, rtol=1e-9, atol=1e-10)
     # against the validation gradient of each run alone
     v_val = problem.x_val[:8]
     grads = [validation_gradient(m, Runs(), v_val, problem.y_val[:8])[0] for m in models]
