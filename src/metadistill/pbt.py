@@ -179,13 +179,18 @@ def _member_trainable(tune: Any) -> type:
 def _cost_callback(tune: Any, path: Path, progress: Callable[[int], None] | None) -> Any:
     """A driver-side callback that sums every member's steps, the wall time, every exploit and every divergence
     (a member's first non-finite loss since its last start or exploit), kept in `path` so that a resumed search
-    adds on."""
+    adds on. Each exploit gets `own_step`, the step the copier had reached when it was replaced (its result
+    before the one that reports the exploit): equal to `step` in a synchronous decision. Tune's synchronous
+    mode does not guarantee it; on a loaded machine a source has been seen to run on to its next result first,
+    and the copier then went on from that later state, skipping `step - own_step` steps (not counted: the cost
+    is the steps taken)."""
 
     class Cost(tune.Callback):
         def __init__(self) -> None:
             saved = json.loads(path.read_text()) if path.exists() else {"steps": 0, "wall_s": 0.0, "exploits": []}
             self.steps, self.earlier_wall, self.exploits = saved["steps"], saved["wall_s"], saved["exploits"]
             self.divergences = saved.get("divergences", [])
+            self.reached: dict[str, int] = {}  # each trial's step at its last result
             self.started = time.perf_counter()
 
         def wall(self) -> float:
@@ -194,7 +199,8 @@ def _cost_callback(tune: Any, path: Path, progress: Callable[[int], None] | None
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             self.steps += int(result["steps_taken"])
             if result.get("exploited"):
-                self.exploits.append(json.loads(result["exploited"]))
+                self.exploits.append({**json.loads(result["exploited"]), "own_step": self.reached.get(trial.trial_id)})
+            self.reached[trial.trial_id] = int(result["student_step"])
             failure = json.loads(result["failure"]) if result.get("failure") else None
             if failure is not None and failure not in self.divergences:  # reported again until it is replaced
                 self.divergences.append(failure)
