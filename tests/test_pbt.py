@@ -5,10 +5,12 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import tempfile
 
 import pytest
+import torch
 
 from metadistill.config import ConfigError, build_config
 from metadistill.data.synthetic import synthetic_problem
@@ -45,8 +47,21 @@ def ray_runtime():
 
 
 @pytest.fixture(scope="module")
-def searched(problem, ray_runtime):
-    return pbt_search(problem, CONFIG, seed=0, population=2)
+def searched_in(problem, ray_runtime, tmp_path_factory):
+    """The search of seed 0 and its checkpoint directory (kept, as an interrupted search's would be)."""
+    directory = tmp_path_factory.mktemp("pbt_seed_0")
+    return pbt_search(problem, CONFIG, seed=0, population=2, checkpoint_dir=directory, identity="x"), directory
+
+
+@pytest.fixture(scope="module")
+def searched(searched_in):
+    return searched_in[0]
+
+
+def decisions(result) -> list[tuple]:
+    """Each exploit as (step, the lambda explored, the weights copied), in step order: trial ids aside."""
+    return sorted((event["step"], event["lambda1"], event["temperature"], event["weights_loaded"])
+                  for event in result.extra["exploits"])
 
 
 def test_a_population_of_two_exploits_at_every_interval_and_copies_the_weights(searched):
@@ -101,6 +116,32 @@ def test_an_interrupted_search_goes_on_from_the_members_last_common_checkpoint(p
     assert resumed.steps == 2 * CONFIG.epochs  # the steps before the interruption are counted, not retaken
     assert len(resumed.history["lambda1"]) == CONFIG.epochs
     assert list(tmp_path.glob("pbt_seed_1_before_step_200"))  # it went on from step 200
+    # the interruption came with the decision at step 200: taken before it, or (its exploit not yet carried out)
+    # taken again after it; either way one decision per decision step, each synchronous
+    assert [event["step"] for event in sorted(resumed.extra["exploits"], key=lambda e: e["step"])] == [100, 200]
+    assert all(event["own_step"] == event["step"] for event in resumed.extra["exploits"])
+    history = list(zip(resumed.history["lambda1"], resumed.history["temperature"]))
+    changes = {step for step in range(1, len(history)) if history[step] != history[step - 1]}
+    assert changes == {event["step"] for event in resumed.extra["lineage"]}
+
+
+def test_a_search_killed_after_a_decision_goes_on_from_its_exploits_to_the_uninterrupted_result(
+        problem, searched_in, tmp_path):
+    """A process killed after the decision at step 200 was carried out, before any later checkpoint: each copier
+    goes on from its state just after the exploit, so the search ends where the uninterrupted one did."""
+    searched, directory = searched_in
+    shutil.copytree(directory, tmp_path, dirs_exist_ok=True)
+    later = [path.parent for path in tmp_path.glob("pbt_seed_0/*/checkpoint_*/member.pt")
+             if torch.load(path, weights_only=True)["step"] > 2 * INTERVAL]
+    assert later and list(tmp_path.glob("pbt_seed_0/exploits/*_step_200.pt"))
+    for path in later:
+        shutil.rmtree(path)
+    resumed = pbt_search(problem, CONFIG, seed=0, population=2, checkpoint_dir=tmp_path, identity="x")
+    assert list(tmp_path.glob("pbt_seed_0_before_step_200"))
+    assert decisions(resumed) == decisions(searched)  # the exploit at 200 once, not retaken nor lost
+    assert resumed.history == searched.history
+    assert resumed.final_val_acc == searched.final_val_acc and resumed.final_test_acc == searched.final_test_acc
+    assert resumed.steps == 2 * CONFIG.epochs + 2 * INTERVAL  # the killed steps after 200 counted, and taken again
 
 
 def test_a_search_whose_every_member_diverges_is_a_divergence_error(problem, ray_runtime, tmp_path, monkeypatch):

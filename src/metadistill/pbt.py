@@ -21,8 +21,11 @@ and the synchronous scheduler decides with every member at the same step, whatev
 in. (With more than one member in the top quarter, population >= 5, which of them a member copies is Tune's
 draw from Python's global generator, which is seeded for the search but which Ray's own threads may also
 draw from.) An interrupted search (Ctrl-C, or a killed process) goes on, when run again with the same
-`checkpoint_dir` and identity, from the last step at which every member has a checkpoint; the steps and wall
-time before the interruption are counted, and the explore draws after it differ from an uninterrupted run's.
+`checkpoint_dir` and identity, from the last step at which every member has a checkpoint. Every decision step
+keeps one decision: where the exploits of the decision there had been carried out, the copiers go on from their
+states just after them (kept for this); where not, every member first reports its state there without a step,
+and the decision is taken again. The steps and wall time before the interruption are counted; the explore draws
+after it differ from an uninterrupted run's.
 
 Runs on the local Ray runtime (started here unless one is running) or on the cluster at `address` (then
 `checkpoint_dir` must be on a file system every node sees: Tune keeps the members' checkpoints there);
@@ -34,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -61,6 +65,7 @@ from .train import Schedule, TrainConfig
 
 STATE_FILE = "member.pt"
 COST_FILE = "cost.json"
+EXPLOITS = "exploits"  # in the experiment's directory: each copier's state just after its exploit
 RESAMPLE_PROBABILITY = 0.25  # Tune's defaults
 PERTURBATION_FACTORS = (0.8, 1.2)
 
@@ -112,9 +117,9 @@ def _member_trainable(tune: Any) -> type:
 
     class PbtMember(tune.Trainable):
         def setup(self, config: dict, problem: Data | None = None, train_config: TrainConfig | None = None,
-                  seed: int = 0, threads: int = 1) -> None:
+                  seed: int = 0, threads: int = 1, exploits: str = "") -> None:
             torch.set_num_threads(threads)
-            self.problem, self.train_config, self.seed = problem, train_config, seed
+            self.problem, self.train_config, self.seed, self.exploits = problem, train_config, seed, exploits
             self._fresh(config)
 
         def _fresh(self, config: dict) -> None:
@@ -122,21 +127,26 @@ def _member_trainable(tune: Any) -> type:
             # a member's lambda is fixed between decisions; _set changes it at an exploit
             self.engine = Engine(self.problem, [Fixed(_lam(config), "pbt")], self.train_config, [self.seed],
                                  Parallel())
-            self.next_step, self.lineage, self.exploited = 0, [], ""
+            self.next_step, self.lineage, self.exploited, self.retake = 0, [], "", False
             if config.get("resume_from"):  # an interrupted search: this member's last common checkpoint
                 self._load(config["resume_from"])
+                # the decision there had not been carried out: a first result without steps lets Tune take it
+                self.retake = bool(config.get("retake"))
 
         def _load(self, path: str | Path) -> dict:
             """The engine's and lineage's state from a member's checkpoint file; returns the state."""
             state = torch.load(path, map_location="cpu", weights_only=True)
             self.next_step = self.engine.load_state_dict(state)
             self.lineage = list(state["lineage"])
+            if "exploit" in state:  # a copier's state just after its exploit, resumed: the exploit is reported
+                self.exploited = json.dumps(state["exploit"])
             return state
 
         def step(self) -> dict:
             engine, run = self.engine, self.engine.runs[0]
             start = self.next_step
-            end = min(start + engine.schedule.eval_every, engine.schedule.total_steps)
+            end = start if self.retake else min(start + engine.schedule.eval_every, engine.schedule.total_steps)
+            self.retake = False
             for step in range(start, end):
                 engine.iterate(step)
             engine.steps_done = self.next_step = end
@@ -147,12 +157,15 @@ def _member_trainable(tune: Any) -> type:
                     "exploited": exploited, "failure": json.dumps({"trial": self.trial_id, **run.failed}) if failed
                     else ""}
 
+        def _state(self) -> dict:
+            return {**self.engine.state_dict(self.next_step - 1), "trial": self.trial_id, "lineage": self.lineage,
+                    "weights": weights_digest(self.engine.model)}
+
         def save_checkpoint(self, checkpoint_dir: str) -> None:
-            state = {**self.engine.state_dict(self.next_step - 1), "trial": self.trial_id,
-                     "lineage": self.lineage, "weights": weights_digest(self.engine.model)}
-            torch.save(state, Path(checkpoint_dir) / STATE_FILE)
+            torch.save(self._state(), Path(checkpoint_dir) / STATE_FILE)
 
         def load_checkpoint(self, checkpoint_dir: str) -> None:
+            self.exploited, self.retake = "", False  # a restore: the member has reported since it resumed
             state = self._load(Path(checkpoint_dir) / STATE_FILE)
             lam = _lam(self.config)
             if state["trial"] != self.trial_id:  # an exploit: this member goes on from another's state
@@ -163,7 +176,14 @@ def _member_trainable(tune: Any) -> type:
                                      "weights_saved": state["weights"],
                                      "weights_loaded": weights_digest(self.engine.model)})
                 self.exploited = json.dumps(self.lineage[-1])  # reported with the next result
-            self._set(lam)
+                self._set(lam)
+                if self.exploits:  # kept, so that a search interrupted before this member's next checkpoint
+                    # goes on from the exploit (its checkpoint at this step is from before it)
+                    buffer = io.BytesIO()
+                    torch.save({**self._state(), "exploit": self.lineage[-1]}, buffer)
+                    write_atomic(Path(self.exploits) / f"{self.trial_id}_step_{self.next_step}.pt", buffer.getvalue())
+            else:
+                self._set(lam)
 
         def reset_config(self, new_config: dict) -> bool:
             self._fresh(new_config)  # a reused actor starts clean; a restore then loads the member's state
@@ -198,8 +218,12 @@ def _cost_callback(tune: Any, path: Path, progress: Callable[[int], None] | None
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             self.steps += int(result["steps_taken"])
-            if result.get("exploited"):
-                self.exploits.append({**json.loads(result["exploited"]), "own_step": self.reached.get(trial.trial_id)})
+            exploit = json.loads(result["exploited"]) if result.get("exploited") else None
+            seen = [{key: value for key, value in event.items() if key != "own_step"} for event in self.exploits]
+            if exploit is not None and exploit not in seen:  # a resumed copier reports its exploit again
+                # (no earlier result: a copier resumed from its state just after the exploit; the search went on
+                # from the step where every member has a checkpoint of its own, so it had reached that step)
+                self.exploits.append({**exploit, "own_step": self.reached.get(trial.trial_id, exploit["step"])})
             self.reached[trial.trial_id] = int(result["student_step"])
             failure = json.loads(result["failure"]) if result.get("failure") else None
             if failure is not None and failure not in self.divergences:  # reported again until it is replaced
@@ -230,20 +254,35 @@ def _seeded_and_quiet(seed: int) -> Iterator[None]:
         tune_logger.setLevel(saved_level)
 
 
+def _load_member_state(path: Path) -> tuple[int, str, Metaparameters] | None:
+    """(step, trial, lambda) of a member's state file; None for a torn or foreign file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return int(state["step"]), str(state["trial"]), Metaparameters(*state["runs"][0]["lam"])
+    except Exception:  # noqa: BLE001 - a torn or foreign file is not a state to go on from
+        return None
+
+
 def _last_common_checkpoints(experiment: Path, population: int) -> tuple[int, list[tuple[str, Metaparameters]]] | None:
-    """Where an interrupted search goes on from: the last step at which every member has a checkpoint, and each
-    member's checkpoint file there (relative to `experiment`) with its lambda; None when there is none."""
+    """Where an interrupted search goes on from: the last step at which every member has a state, and each
+    member's state file there (relative to `experiment`) with its lambda; None when there is none. A member's
+    states are its checkpoints and, where it exploited, its state just after the exploit, which replaces the
+    checkpoint from before it (Tune saves none for a copier that reported last)."""
+    after_exploits: dict[str, dict[int, tuple[str, Metaparameters]]] = {}
+    for path in (experiment / EXPLOITS).glob("*.pt"):
+        if (loaded := _load_member_state(path)) is not None:
+            step, trial_id, lam = loaded
+            after_exploits.setdefault(trial_id, {})[step] = (str(path.relative_to(experiment)), lam)
     by_member: dict[int, dict[int, tuple[str, Metaparameters]]] = {}
-    trials = sorted(path for path in experiment.glob("*") if path.is_dir()) if experiment.is_dir() else []
-    for member, trial in enumerate(trials):  # members are exchangeable: trial k of the earlier attempt is slot k
+    members = [path for path in experiment.glob("*") if path.is_dir() and path.name != EXPLOITS]
+    for member, trial in enumerate(sorted(members)):  # exchangeable: trial k of the earlier attempt is slot k
         found = {}
         for path in trial.glob(f"checkpoint_*/{STATE_FILE}"):
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                lam = Metaparameters(*state["runs"][0]["lam"])
-                found[int(state["step"])] = (str(path.relative_to(experiment)), lam)
-            except Exception:  # noqa: BLE001 - a torn or foreign file is not a checkpoint to go on from
-                continue
+            if (loaded := _load_member_state(path)) is not None:
+                found[loaded[0]] = (str(path.relative_to(experiment)), loaded[2])
+        for trial_id, states in after_exploits.items():
+            if f"_{trial_id}_" in trial.name:  # Tune names a trial's directory <trainable>_<trial id>_<tag>...
+                found.update(states)
         by_member[member] = found
     if sorted(by_member) != list(range(population)):
         return None
@@ -289,15 +328,17 @@ def pbt_search(problem: Data, config: TrainConfig, seed: int, population: int = 
         (storage / COST_FILE).unlink(missing_ok=True)
         storage.mkdir(parents=True, exist_ok=True)
         write_atomic(key_path, key)
-        starts_now = [("", lam) for lam in starts]
+        starts_now, retake = [("", lam) for lam in starts], False
     else:  # the earlier attempt's checkpoints move aside; its members go on from them in a new experiment
         earlier = storage / f"{name}_before_step_{resumed[0]}"
         shutil.rmtree(earlier, ignore_errors=True)
         (storage / name).rename(earlier)
         starts_now = [(str(earlier / path), lam) for path, lam in resumed[1]]
+        # a member with its state just after an exploit there: the decision was carried out; else it is retaken
+        retake = not any(Path(path).parts[0] == EXPLOITS for path, _ in resumed[1])
     trainable = tune.with_resources(
         tune.with_parameters(_member_trainable(tune), problem=problem, train_config=member_config, seed=seed,
-                             threads=threads), {"cpu": threads})
+                             threads=threads, exploits=str(storage / name / EXPLOITS)), {"cpu": threads})
     scheduler = PopulationBasedTraining(
         time_attr="training_iteration", metric="val_acc", mode="max", perturbation_interval=1, synch=True,
         custom_explore_fn=_explorer(seed if resumed is None else [seed, resumed[0]]))
@@ -306,7 +347,7 @@ def pbt_search(problem: Data, config: TrainConfig, seed: int, population: int = 
     cost = _cost_callback(tune, storage / COST_FILE, ticker)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     member_space = {"member": tune.grid_search(list(range(population))),
-                    "resume_from": tune.sample_from(lambda config: starts_now[config["member"]][0]),
+                    "resume_from": tune.sample_from(lambda config: starts_now[config["member"]][0]), "retake": retake,
                     "lambda1": tune.sample_from(lambda config: starts_now[config["member"]][1].lambda1),
                     "temperature": tune.sample_from(lambda config: starts_now[config["member"]][1].temperature)}
     tuner = tune.Tuner(trainable, param_space=member_space,
