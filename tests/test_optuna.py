@@ -1,6 +1,7 @@
 """The Optuna baseline: validation-only choices, determinism, resume, the step budget."""
 
 import dataclasses
+import time
 
 import pytest
 
@@ -50,15 +51,23 @@ def test_an_interrupted_search_resumes_to_the_same_result(problem, tmp_path):
     class Stop(Exception):
         pass
 
+    slept = []
+
     def stop_in_trial_4(done, budget):
+        if not slept:  # the first attempt takes 2 s more, in its first trial
+            slept.append(time.sleep(2.0))
         if done >= 3 * CONFIG.epochs + 2 and (tmp_path / "optuna.json").exists():
             raise Stop
 
     with pytest.raises(Stop):
         optuna_search(problem, CONFIG, seed=5, progress=stop_in_trial_4, checkpoint_dir=tmp_path, identity="x")
+    entered = time.perf_counter()
     resumed = optuna_search(problem, CONFIG, seed=5, checkpoint_dir=tmp_path, identity="x")
+    took = time.perf_counter() - entered
     assert choices(resumed) == choices(whole)
     assert resumed.final_test_acc == whole.final_test_acc
+    # the wall time counts the first attempt's trials too (not only the resumed process's time)
+    assert resumed.wall_s > took + 1.5
 
 
 def test_optuna_in_reproduce(tmp_path, capsys):

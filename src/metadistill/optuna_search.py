@@ -25,7 +25,7 @@ from .engine import Data, Outcome, train_runs
 from .files import write_atomic
 from .meta import Metaparameters
 from .problem import steps_per_epoch
-from .results import DivergenceError, RunResult
+from .results import DivergenceError, RunResult, SearchWall
 from .strategies import Fixed
 from .train import Schedule, TrainConfig
 
@@ -57,11 +57,14 @@ class _Search:
                   else pruners.SuccessiveHalvingPruner())
         self.study = self.optuna.create_study(direction="maximize", pruner=chosen)
         self.trials: list[dict] = []
+        self.wall = SearchWall()  # each trial counts its own wall time (summed over its resumptions)
         if state_path is not None and state_path.exists():
             saved = json.loads(state_path.read_text())
             if saved.get("identity") == identity:
                 for trial in saved["trials"]:
                     self._add(trial)
+                # (a file written before the search's own wall time was kept: its trials' wall times)
+                self.wall = SearchWall(saved.get("wall_s", sum(trial["wall_s"] for trial in saved["trials"])))
 
     def _add(self, trial: dict) -> None:
         states = self.optuna.trial.TrialState
@@ -83,7 +86,8 @@ class _Search:
             self.study.tell(trial, state=states[record["state"]])
         self.trials.append(record)
         if self.state_path is not None:
-            write_atomic(self.state_path, json.dumps({"identity": self.identity, "trials": self.trials}))
+            write_atomic(self.state_path, json.dumps({"identity": self.identity, "trials": self.trials,
+                                                      "wall_s": self.wall()}))
 
 
 def optuna_search(problem: Data, config: TrainConfig, seed: int, budget_trainings: float = 6.0,
@@ -93,7 +97,6 @@ def optuna_search(problem: Data, config: TrainConfig, seed: int, budget_training
     completed trial's training, with cost counters summed over every trial and the trials in extra."""
     if pruner not in PRUNERS:
         raise ValueError(f"pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}")
-    started = time.perf_counter()
     total = Schedule.of(config, steps_per_epoch(problem, config.batch_size)).total_steps
     budget = int(budget_trainings * total)
     search = _Search(seed, pruner, None if checkpoint_dir is None else Path(checkpoint_dir) / "optuna.json",
@@ -112,9 +115,11 @@ def optuna_search(problem: Data, config: TrainConfig, seed: int, budget_training
             return step < total and trial.should_prune()
 
         ticker = None if progress is None else (lambda step, steps, done=used: progress(done + step, budget))
+        entered = time.perf_counter()
         outcome = train_runs(problem, [Fixed(lam, "optuna")], config, [seed], ticker,
                              None if checkpoint_dir is None else Path(checkpoint_dir) / f"trial_{number}.ckpt",
                              [identity, number], on_evaluation=report)[0]
+        search.wall.add_training(entered, outcome.wall_s)
         record = {"lambda1": lam.lambda1, "temperature": lam.temperature, "log10_temperature":
                   trial.params["log10_temperature"], "reports": reports, "wall_s": outcome.wall_s}
         if isinstance(outcome, DivergenceError):
@@ -127,24 +132,27 @@ def optuna_search(problem: Data, config: TrainConfig, seed: int, budget_training
                 results[number] = outcome
         search.tell(trial, record, outcome)
         used += record["steps"]
-    return _best(search.trials, results, seed, time.perf_counter() - started, problem, config, identity)
+    return _best(search.trials, results, seed, search.wall, problem, config)
 
 
-def _best(trials: list[dict], results: dict[int, RunResult], seed: int, wall: float, problem: Data,
-          config: TrainConfig, identity: Any) -> RunResult:
+def _best(trials: list[dict], results: dict[int, RunResult], seed: int, wall: SearchWall, problem: Data,
+          config: TrainConfig) -> RunResult:
     complete = [k for k, trial in enumerate(trials) if trial["state"] == "COMPLETE"]
     if not complete:
         raise DivergenceError(f"no optuna trial ran to the end (seed {seed}): all were pruned or diverged")
     best = max(complete, key=lambda k: trials[k]["val_acc"])  # first of equals
     result = results.get(best)
-    if result is None:  # finished before an interruption: its training is replayed (the same numbers)
+    if result is None:  # finished before an interruption: its training is replayed (the same numbers; its time
+        # is not the search's, whose wall time counted the trial once)
         lam = Metaparameters(trials[best]["lambda1"], trials[best]["temperature"])
+        entered = time.perf_counter()
         result = train_runs(problem, [Fixed(lam, "optuna")], config, [seed])[0]
+        wall.add_training(entered, 0.0)
         assert isinstance(result, RunResult)
     result.method = "optuna"
     result.steps = sum(trial["steps"] for trial in trials)
     result.full_trainings = len(trials)
-    result.wall_s = wall
+    result.wall_s = wall()
     result.extra = {**result.extra, "trials": trials, "best": trials[best],
                     "final": "the best completed trial itself (not retrained)"}
     return result

@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, fields
 
 from .meta import Metaparameters
+
+
+class SearchWall:
+    """The wall time of a search of trainings that may be interrupted and resumed: the wall time saved by earlier
+    attempts, plus this process's time outside the trainings, plus each training's own wall time (which a
+    training resumed from its checkpoint sums over its attempts)."""
+
+    def __init__(self, earlier: float = 0.0) -> None:
+        self.earlier, self.started = earlier, time.perf_counter()
+        self.in_trainings = self.trainings = 0.0  # this process's time in trainings; their own wall time
+
+    def add_training(self, entered: float, own_wall: float) -> None:
+        """A training entered at perf_counter() `entered` has returned; its own wall time was `own_wall`."""
+        self.in_trainings += time.perf_counter() - entered
+        self.trainings += own_wall
+
+    def __call__(self) -> float:
+        return self.earlier + time.perf_counter() - self.started - self.in_trainings + self.trainings
 
 
 class DivergenceError(RuntimeError):

@@ -20,7 +20,7 @@ from .engine import Outcome, fit_batched
 from .files import write_atomic
 from .meta import Metaparameters
 from .problem import Problem
-from .results import DivergenceError, RunResult
+from .results import DivergenceError, RunResult, SearchWall
 from .strategies import Fixed
 from .train import TrainConfig
 
@@ -81,22 +81,17 @@ class _Searches:
         self.checkpoint_every_s = checkpoint_every_s
         self.searches = [TPESearch(seed) for seed in seeds]
         self.histories: list[list[dict]] = [[] for _ in seeds]
-        self.started, self.earlier_wall = time.perf_counter(), 0.0
-        self.time_in_trainings = self.trainings_wall = 0.0  # this process's time in trainings; their own wall
+        self.wall = SearchWall()  # each training counts its own wall time (summed over its resumptions)
         self.state_path = None if checkpoint_dir is None else Path(checkpoint_dir) / "search.json"
         if self.state_path is not None and self.state_path.exists():
             saved = json.loads(self.state_path.read_text())
             if saved.get("identity") == identity and saved.get("seeds") == list(seeds):
-                self.histories, self.earlier_wall = saved["histories"], saved["wall_s"]
+                self.histories, self.wall = saved["histories"], SearchWall(saved["wall_s"])
         # Replay the finished trials (the same points come out, since TPE is seeded), then go on.
         for search, history in zip(self.searches, self.histories):
             for trial in history:
                 search.ask()
                 search.tell(trial["val_acc"])
-
-    def wall(self) -> float:
-        """Wall time so far; each training counts its own wall time (summed over its resumptions)."""
-        return self.earlier_wall + time.perf_counter() - self.started - self.time_in_trainings + self.trainings_wall
 
     def train(self, lams: list[Metaparameters], seeds: list[int], k: int, name: str) -> list[Outcome]:
         """Training k (trial k, or the final one: k = trials) of the runs `seeds` with fixed `lams`."""
@@ -107,8 +102,7 @@ class _Searches:
         outcomes = fit_batched(self.problem, [Fixed(lam, "hyperopt") for lam in lams], self.config, seeds, report,
                                None if self.checkpoint_dir is None else Path(self.checkpoint_dir) / name,
                                [self.identity, k, [lam.as_tuple() for lam in lams]], self.checkpoint_every_s)
-        self.time_in_trainings += time.perf_counter() - entered
-        self.trainings_wall += sum(outcome.wall_s for outcome in outcomes)
+        self.wall.add_training(entered, sum(outcome.wall_s for outcome in outcomes))
         return outcomes
 
     def run_trial(self, k: int) -> None:
