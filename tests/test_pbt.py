@@ -144,6 +144,26 @@ def test_a_search_killed_after_a_decision_goes_on_from_its_exploits_to_the_unint
     assert resumed.steps == 2 * CONFIG.epochs + 2 * INTERVAL  # the killed steps after 200 counted, and taken again
 
 
+def test_a_member_whose_state_is_ahead_of_tunes_iteration_waits_for_it(problem, ray_runtime):
+    """Tune's synchronous mode can let a source run on before its checkpoint for a decision is taken, so a copier
+    can get a state a step interval ahead of its iteration. The member then takes no steps until Tune's iteration
+    catches up: it must not finish early, which left the source paused forever, waiting for a decision."""
+    from ray import tune
+
+    from metadistill.pbt import _member_trainable
+
+    member = tune.with_parameters(_member_trainable(tune), problem=problem, train_config=CONFIG, seed=0)(
+        config={"member": 0, "resume_from": "", "lambda1": 0.5, "temperature": 2.0})
+    assert [member.train()["student_step"] for _ in range(2)] == [INTERVAL, 2 * INTERVAL]
+    saved = member.save()
+    member.restore(saved.checkpoint.path)  # the state of step 200, labelled as Tune's iteration 0
+    results = [member.train() for _ in range(3)]
+    assert [(r["training_iteration"], r["student_step"], r["steps_taken"]) for r in results] == [
+        (1, 2 * INTERVAL, 0), (2, 2 * INTERVAL, 0), (3, 3 * INTERVAL, INTERVAL)]
+    assert [r["done"] for r in results] == [False, False, True]
+    member.stop()
+
+
 def test_a_search_whose_every_member_diverges_is_a_divergence_error(problem, ray_runtime, tmp_path, monkeypatch):
     x_train = problem.x_train.clone()
     x_train[0, 0] = float("nan")  # full-batch steps: every member's loss is not finite from the first step

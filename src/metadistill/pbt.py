@@ -18,7 +18,9 @@ cost counts every student step any member took: `population` trainings' worth.
 
 Equal seeds make equal searches: the starting draws and the explore are drawn from generators of the run's own,
 and the synchronous scheduler decides with every member at the same step, whatever order their results come
-in. (With more than one member in the top quarter, population >= 5, which of them a member copies is Tune's
+in. (Tune's synchronous mode has, rarely and on a loaded machine, let a source run on before its checkpoint for
+a decision was taken; its copier then skips to that later state, recorded as the exploit's `own_step`, and
+takes no steps until Tune's iterations catch up, so that it does not finish early.) (With more than one member in the top quarter, population >= 5, which of them a member copies is Tune's
 draw from Python's global generator, which is seeded for the search but which Ray's own threads may also
 draw from.) An interrupted search (Ctrl-C, or a killed process) goes on, when run again with the same
 `checkpoint_dir` and identity, from the last step at which every member has a checkpoint. Every decision step
@@ -117,9 +119,10 @@ def _member_trainable(tune: Any) -> type:
 
     class PbtMember(tune.Trainable):
         def setup(self, config: dict, problem: Data | None = None, train_config: TrainConfig | None = None,
-                  seed: int = 0, threads: int = 1, exploits: str = "") -> None:
+                  seed: int = 0, threads: int = 1, exploits: str = "", base: int = 0) -> None:
             torch.set_num_threads(threads)
             self.problem, self.train_config, self.seed, self.exploits = problem, train_config, seed, exploits
+            self.base = base  # the student step of Tune's iteration 0
             self._fresh(config)
 
         def _fresh(self, config: dict) -> None:
@@ -127,11 +130,9 @@ def _member_trainable(tune: Any) -> type:
             # a member's lambda is fixed between decisions; _set changes it at an exploit
             self.engine = Engine(self.problem, [Fixed(_lam(config), "pbt")], self.train_config, [self.seed],
                                  Parallel())
-            self.next_step, self.lineage, self.exploited, self.retake = 0, [], "", False
+            self.next_step, self.lineage, self.exploited = 0, [], ""
             if config.get("resume_from"):  # an interrupted search: this member's last common checkpoint
                 self._load(config["resume_from"])
-                # the decision there had not been carried out: a first result without steps lets Tune take it
-                self.retake = bool(config.get("retake"))
 
         def _load(self, path: str | Path) -> dict:
             """The engine's and lineage's state from a member's checkpoint file; returns the state."""
@@ -144,9 +145,13 @@ def _member_trainable(tune: Any) -> type:
 
         def step(self) -> dict:
             engine, run = self.engine, self.engine.runs[0]
+            # Tune's iteration k ends at student step base + k x interval, whatever the state reached: a state
+            # copied from a source that had run on (Tune's synchronous mode does not prevent it) takes fewer steps,
+            # none if it is at that step already, so the members stay in step with Tune's iterations (a copier
+            # that finished early would leave the source paused, waiting for a decision that never comes)
             start = self.next_step
-            end = start if self.retake else min(start + engine.schedule.eval_every, engine.schedule.total_steps)
-            self.retake = False
+            end = min(max(start, self.base + (self.iteration + 1) * engine.schedule.eval_every),
+                      engine.schedule.total_steps)
             for step in range(start, end):
                 engine.iterate(step)
             engine.steps_done = self.next_step = end
@@ -165,7 +170,7 @@ def _member_trainable(tune: Any) -> type:
             torch.save(self._state(), Path(checkpoint_dir) / STATE_FILE)
 
         def load_checkpoint(self, checkpoint_dir: str) -> None:
-            self.exploited, self.retake = "", False  # a restore: the member has reported since it resumed
+            self.exploited = ""  # a restore: the member has reported since it resumed
             state = self._load(Path(checkpoint_dir) / STATE_FILE)
             lam = _lam(self.config)
             if state["trial"] != self.trial_id:  # an exploit: this member goes on from another's state
@@ -328,17 +333,20 @@ def pbt_search(problem: Data, config: TrainConfig, seed: int, population: int = 
         (storage / COST_FILE).unlink(missing_ok=True)
         storage.mkdir(parents=True, exist_ok=True)
         write_atomic(key_path, key)
-        starts_now, retake = [("", lam) for lam in starts], False
+        starts_now, base = [("", lam) for lam in starts], 0
     else:  # the earlier attempt's checkpoints move aside; its members go on from them in a new experiment
         earlier = storage / f"{name}_before_step_{resumed[0]}"
         shutil.rmtree(earlier, ignore_errors=True)
         (storage / name).rename(earlier)
         starts_now = [(str(earlier / path), lam) for path, lam in resumed[1]]
-        # a member with its state just after an exploit there: the decision was carried out; else it is retaken
+        # a member with its state just after an exploit there: the decision was carried out; else it is taken
+        # again, at Tune's first iteration, which then takes no step
         retake = not any(Path(path).parts[0] == EXPLOITS for path, _ in resumed[1])
+        base = resumed[0] - (Schedule.of(member_config, steps_per_epoch(problem, config.batch_size)).eval_every
+                             if retake else 0)
     trainable = tune.with_resources(
         tune.with_parameters(_member_trainable(tune), problem=problem, train_config=member_config, seed=seed,
-                             threads=threads, exploits=str(storage / name / EXPLOITS)), {"cpu": threads})
+                             threads=threads, exploits=str(storage / name / EXPLOITS), base=base), {"cpu": threads})
     scheduler = PopulationBasedTraining(
         time_attr="training_iteration", metric="val_acc", mode="max", perturbation_interval=1, synch=True,
         custom_explore_fn=_explorer(seed if resumed is None else [seed, resumed[0]]))
@@ -347,7 +355,7 @@ def pbt_search(problem: Data, config: TrainConfig, seed: int, population: int = 
     cost = _cost_callback(tune, storage / COST_FILE, ticker)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     member_space = {"member": tune.grid_search(list(range(population))),
-                    "resume_from": tune.sample_from(lambda config: starts_now[config["member"]][0]), "retake": retake,
+                    "resume_from": tune.sample_from(lambda config: starts_now[config["member"]][0]),
                     "lambda1": tune.sample_from(lambda config: starts_now[config["member"]][1].lambda1),
                     "temperature": tune.sample_from(lambda config: starts_now[config["member"]][1].temperature)}
     tuner = tune.Tuner(trainable, param_space=member_space,
