@@ -20,10 +20,12 @@ Equal seeds make equal searches: the starting draws and the explore are drawn fr
 and the synchronous scheduler decides with every member at the same step, whatever order their results come
 in. (Tune's synchronous mode has, rarely and on a loaded machine, let a source run on before its checkpoint for
 a decision was taken; its copier then skips to that later state, recorded as the exploit's `own_step`, and
-takes no steps until Tune's iterations catch up, so that it does not finish early.) (With more than one member in the top quarter, population >= 5, which of them a member copies is Tune's
-draw from Python's global generator, which is seeded for the search but which Ray's own threads may also
-draw from.) An interrupted search (Ctrl-C, or a killed process) goes on, when run again with the same
-`checkpoint_dir` and identity, from the last step at which every member has a checkpoint. Every decision step
+takes no steps until Tune's iterations catch up, so that it does not finish early.) (With more than one
+member in the top quarter, population >= 5, which of them a member copies is Tune's draw from Python's global
+generator, which is seeded for the search but which Ray's own threads may also draw from.)
+
+An interrupted search (Ctrl-C, or a killed process) goes on, when run again with the same `checkpoint_dir` and
+identity, from the last step at which every member has a checkpoint. Every decision step
 keeps one decision: where the exploits of the decision there had been carried out, the copiers go on from their
 states just after them (kept for this); where not, every member first reports its state there without a step,
 and the decision is taken again. The steps and wall time before the interruption are counted; the explore draws
