@@ -183,14 +183,12 @@ def _member_trainable(tune: Any) -> type:
                                      "weights_saved": state["weights"],
                                      "weights_loaded": weights_digest(self.engine.model)})
                 self.exploited = json.dumps(self.lineage[-1])  # reported with the next result
-                self._set(lam)
-                if self.exploits:  # kept, so that a search interrupted before this member's next checkpoint
-                    # goes on from the exploit (its checkpoint at this step is from before it)
-                    buffer = io.BytesIO()
-                    torch.save({**self._state(), "exploit": self.lineage[-1]}, buffer)
-                    write_atomic(Path(self.exploits) / f"{self.trial_id}_step_{self.next_step}.pt", buffer.getvalue())
-            else:
-                self._set(lam)
+            self._set(lam)
+            if self.exploited and self.exploits:  # kept, so that a search interrupted before this member's next
+                # checkpoint goes on from the exploit (its checkpoint at this step is from before it)
+                buffer = io.BytesIO()
+                torch.save({**self._state(), "exploit": self.lineage[-1]}, buffer)
+                write_atomic(Path(self.exploits) / f"{self.trial_id}_step_{self.next_step}.pt", buffer.getvalue())
 
         def reset_config(self, new_config: dict) -> bool:
             self._fresh(new_config)  # a reused actor starts clean; a restore then loads the member's state
@@ -226,8 +224,8 @@ def _cost_callback(tune: Any, path: Path, progress: Callable[[int], None] | None
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             self.steps += int(result["steps_taken"])
             exploit = json.loads(result["exploited"]) if result.get("exploited") else None
-            seen = [{key: value for key, value in event.items() if key != "own_step"} for event in self.exploits]
-            if exploit is not None and exploit not in seen:  # a resumed copier reports its exploit again
+            if exploit is not None and exploit not in (  # a resumed copier reports its exploit again
+                    {key: value for key, value in event.items() if key != "own_step"} for event in self.exploits):
                 # (no earlier result: a copier resumed from its state just after the exploit; the search went on
                 # from the step where every member has a checkpoint of its own, so it had reached that step)
                 self.exploits.append({**exploit, "own_step": self.reached.get(trial.trial_id, exploit["step"])})
