@@ -7,7 +7,8 @@
 #   studies/fm10_lane.sh proposed_online:--set=hessian=identity
 #
 # A METHOD may carry extra `run` arguments after a colon, '=' standing for the space inside each argument pair.
-# Environment: CODE (default 7544a68), WORKTREE (default /work/code-$CODE), METADISTILL_CACHE (teacher cache).
+# Environment: CODE (default 7544a68), WORKTREE (default /work/code-$CODE), METADISTILL_CACHE (default the records
+# folder, whose teachers/ holds the rows' teacher, so that a new machine does not train it again).
 set -u
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 CODE=${CODE:-7544a68}
@@ -15,6 +16,7 @@ WORKTREE=${WORKTREE:-/work/code-$CODE}
 OUT="$REPO/docs/fashion-mnist/records"
 [ -d "$WORKTREE" ] || git -C "$REPO" worktree add "$WORKTREE" "$CODE" >/dev/null || exit 1
 export PYTHONPATH="$WORKTREE/src"
+export METADISTILL_CACHE=${METADISTILL_CACHE:-$OUT}
 for spec in "$@"; do
     method=${spec%%:*}
     extra=()
