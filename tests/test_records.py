@@ -229,3 +229,15 @@ def test_a_student_that_cannot_be_stacked_trains_one_run_at_a_time_through_fit_b
     for seed, outcome in enumerate(batched):
         single = fit(problem, Gradient(lambda1=0.5, temperature=2.0), SHORT, seed)
         assert outcome.history == single.history and outcome.final_test_acc == single.final_test_acc
+
+
+def test_write_check_leaves_another_runs_probe_alone(tmp_path):
+    """Two runs started at the same moment into one folder both check it; neither may delete the other's probe
+    (with one shared probe name the second run failed with 'No such file or directory')."""
+    from metadistill.records import check_writable
+
+    other = tmp_path / ".write-test"
+    other.write_text("another run's probe")
+    check_writable(tmp_path)
+    assert other.read_text() == "another run's probe"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".write-test"]

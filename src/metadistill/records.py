@@ -4,7 +4,9 @@ are skipped."""
 from __future__ import annotations
 
 import json
+import os
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,11 +29,13 @@ def run_dir(out: Path, dataset: str, method: str, seed: int) -> Path:
 
 
 def check_writable(out: Path) -> None:
-    """Fail early, with the reason, when `out` cannot hold records."""
+    """Fail early, with the reason, when `out` cannot hold records. The probe file's name is unique to this call,
+    so runs started at the same moment into one folder do not delete each other's probe."""
+    probe = Path(out) / f".write-test.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     try:
         Path(out).mkdir(parents=True, exist_ok=True)
-        write_atomic(Path(out) / ".write-test", "ok")
-        (Path(out) / ".write-test").unlink()
+        write_atomic(probe, "ok")
+        probe.unlink()
     except OSError as error:
         raise RecordError(f"cannot write records to {out}: {error.strerror or error}") from None
 
