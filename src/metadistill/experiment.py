@@ -174,11 +174,27 @@ def run_ddp(config: ExperimentConfig, method: str, seeds: list[int], out: Path, 
                           "--dataset D --method M --ddp")
     import torch.distributed as dist
 
-    from .ddp import fit_ddp, init_from_env
+    from .ddp import init_from_env
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    owned = not dist.is_initialized()  # a group this call creates, it also ends
     rank, world = init_from_env(config.device)
+    try:
+        return _ddp_runs(config, method, seeds, out, quiet, log, retry_diverged, rank, world)
+    finally:
+        if owned and dist.is_initialized():
+            # without it a rank that returns first can abort at exit in gloo's threads ("terminate called without
+            # an active exception", SIGABRT) while the other still works, failing the launch
+            dist.destroy_process_group()
+
+
+def _ddp_runs(config: ExperimentConfig, method: str, seeds: list[int], out: Path, quiet: bool,
+              log: Callable[[str], None], retry_diverged: bool, rank: int, world: int) -> dict[str, list[dict]] | None:
+    import torch.distributed as dist
+
+    from .ddp import fit_ddp
+
     data = None if config.dataset == "synthetic" else load_vision_config(config)
     grid = Grid(config, out, {**context_of(config, data), "world_size": world}).scan([method], seeds, retry_diverged)
     loaded: tuple[Problem, dict[str, Any]] | None = None
