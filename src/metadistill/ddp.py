@@ -19,7 +19,8 @@ with its shard's statistics, which is not the one-process computation.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -49,6 +50,20 @@ def init_from_env(device: str | torch.device = "cpu") -> tuple[int, int]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
                                 rank=rank, world_size=world)
     return dist.get_rank(), dist.get_world_size()
+
+
+@contextmanager
+def process_group(device: str | torch.device = "cpu") -> Iterator[tuple[int, int]]:
+    """`init_from_env` for a block: (rank, world_size) inside it; a group it created is destroyed at its end.
+    Without that, a rank that finished first could abort at exit in gloo's threads ("terminate called without
+    an active exception", SIGABRT) while another still worked, and torchrun then failed the launch."""
+    owned = not dist.is_initialized()
+    ranks = init_from_env(device)
+    try:
+        yield ranks
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _all_sum(values: Tensor) -> Tensor:

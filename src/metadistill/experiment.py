@@ -174,46 +174,31 @@ def run_ddp(config: ExperimentConfig, method: str, seeds: list[int], out: Path, 
                           "--dataset D --method M --ddp")
     import torch.distributed as dist
 
-    from .ddp import init_from_env
+    from .ddp import fit_ddp, process_group
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    owned = not dist.is_initialized()  # a group this call creates, it also ends
-    rank, world = init_from_env(config.device)
-    try:
-        return _ddp_runs(config, method, seeds, out, quiet, log, retry_diverged, rank, world)
-    finally:
-        if owned and dist.is_initialized():
-            # without it a rank that returns first can abort at exit in gloo's threads ("terminate called without
-            # an active exception", SIGABRT) while the other still works, failing the launch
-            dist.destroy_process_group()
-
-
-def _ddp_runs(config: ExperimentConfig, method: str, seeds: list[int], out: Path, quiet: bool,
-              log: Callable[[str], None], retry_diverged: bool, rank: int, world: int) -> dict[str, list[dict]] | None:
-    import torch.distributed as dist
-
-    from .ddp import fit_ddp
-
-    data = None if config.dataset == "synthetic" else load_vision_config(config)
-    grid = Grid(config, out, {**context_of(config, data), "world_size": world}).scan([method], seeds, retry_diverged)
-    loaded: tuple[Problem, dict[str, Any]] | None = None
-    for seed in grid.pending.get(method, []):
-        if loaded is None:
-            if rank != 0:
-                dist.barrier()  # rank 0 trains the teacher into the cache first
-            loaded = load_problem(config, progress=not quiet and rank == 0, data=data)
+    with process_group(config.device) as (rank, world):
+        data = None if config.dataset == "synthetic" else load_vision_config(config)
+        identity = {**context_of(config, data), "world_size": world}
+        grid = Grid(config, out, identity).scan([method], seeds, retry_diverged)
+        loaded: tuple[Problem, dict[str, Any]] | None = None
+        for seed in grid.pending.get(method, []):
+            if loaded is None:
+                if rank != 0:
+                    dist.barrier()  # rank 0 trains the teacher into the cache first
+                loaded = load_problem(config, progress=not quiet and rank == 0, data=data)
+                if rank == 0:
+                    dist.barrier()
+            problem, facts = loaded
+            try:
+                outcome: Outcome = fit_ddp(problem, config.strategy(method), config.train_config(), seed)
+            except (DivergenceError, ValueError) as error:
+                if isinstance(error, ValueError):
+                    raise ConfigError(str(error)) from None
+                outcome = error
             if rank == 0:
-                dist.barrier()
-        problem, facts = loaded
-        try:
-            outcome: Outcome = fit_ddp(problem, config.strategy(method), config.train_config(), seed)
-        except (DivergenceError, ValueError) as error:
-            if isinstance(error, ValueError):
-                raise ConfigError(str(error)) from None
-            outcome = error
-        if rank == 0:
-            grid.finish(Task(method, [seed]), [outcome], facts, quiet, log)
-        dist.barrier()
-    return grid.results([method]) if rank == 0 else None
+                grid.finish(Task(method, [seed]), [outcome], facts, quiet, log)
+            dist.barrier()
+        return grid.results([method]) if rank == 0 else None
 
