@@ -1,6 +1,6 @@
 """Where the accuracy gap between the hypergradient methods and the searches comes from, read from records.
 
-For every method in a records folder (DATASET/METHOD/run_SEED/result.json): the mean test accuracy, final
+For every dataset and method in a records folder (DATASET/METHOD/run_SEED/result.json): the mean test accuracy, final
 validation accuracy and final validation loss of its runs. For every search whose runs keep their trials in
 result.json (hyperopt; optuna's completed trials), per seed: the validation accuracies of its complete trials,
 their median and best; the lift of the best over the median (what choosing the best of several trainings adds
@@ -11,24 +11,16 @@ point found by the search's model.
 
 Validation only: nothing here reads test accuracy except the first table's column, which the records hold.
 
-Run: python studies/gap.py docs/fashion-mnist/records/fashion-mnist
+Run: python studies/gap.py docs/fashion-mnist/records
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
-
-def load(folder: Path) -> dict[str, dict[int, dict]]:
-    """{method: {seed: result.json}} for the finished runs under `folder` (DATASET level)."""
-    runs: dict[str, dict[int, dict]] = {}
-    for result in sorted(folder.glob("*/run_*/result.json")):
-        record = json.loads(result.read_text())
-        runs.setdefault(result.parent.parent.name, {})[record["seed"]] = record
-    return runs
+from metadistill.records import finished_runs
 
 
 def complete_trials(record: dict) -> list[float]:
@@ -38,13 +30,8 @@ def complete_trials(record: dict) -> list[float]:
             if trial.get("val_acc") is not None and trial.get("state", "COMPLETE") == "COMPLETE"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", type=Path, help="records folder at the dataset level")
-    args = parser.parse_args()
-    runs = load(args.folder)
-    if not runs:
-        raise SystemExit(f"no finished runs under {args.folder}")
+def compare(runs: dict[str, dict[int, dict]]) -> None:
+    """Print the tables above for one dataset's {method: {seed: result.json}}."""
     mean = statistics.fmean
     print(f"{'method':16s} {'runs':>4s} {'test acc':>8s} {'val acc':>8s} {'val loss':>8s}")
     for method, by_seed in sorted(runs.items()):
@@ -53,26 +40,35 @@ def main() -> None:
         loss = mean(r["evals"][-1]["val_loss"] for r in records)
         print(f"{method:16s} {len(records):4d} {test:8.4f} {val:8.4f} {loss:8.4f}")
     for search, by_seed in sorted(runs.items()):
-        seeds = [seed for seed in sorted(by_seed) if len(complete_trials(by_seed[seed])) >= 2]
-        if not seeds:
+        trials = {seed: complete_trials(record) for seed, record in sorted(by_seed.items())}
+        trials = {seed: accs for seed, accs in trials.items() if len(accs) >= 2}
+        if not trials:
             continue
         print(f"\n{search}: complete trials per seed (validation accuracy)")
-        lifts = []
-        for seed in seeds:
-            accs = complete_trials(by_seed[seed])
-            lifts.append(max(accs) - statistics.median(accs))
+        for seed, accs in trials.items():
             print(f"  seed {seed}: {len(accs)} trials, median {statistics.median(accs):.4f}, best {max(accs):.4f}")
+        lifts = [max(accs) - statistics.median(accs) for accs in trials.values()]
         print(f"  best minus median trial: mean {mean(lifts):+.4f} over {len(lifts)} seeds")
         for method, others in sorted(runs.items()):
-            common = [seed for seed in seeds if seed in others and method != search]
+            common = [seed for seed in trials if seed in others and method != search]
             if not common:
                 continue
-            beaten = [sum(others[s]["final_val_acc"] > a for a in complete_trials(by_seed[s]))
-                      / len(complete_trials(by_seed[s])) for s in common]
-            below_median = [others[s]["final_val_acc"] - statistics.median(complete_trials(by_seed[s]))
-                            for s in common]
+            beaten = [sum(others[s]["final_val_acc"] > a for a in trials[s]) / len(trials[s]) for s in common]
+            above_median = [others[s]["final_val_acc"] - statistics.median(trials[s]) for s in common]
             print(f"  {method:16s} beats {mean(beaten):.0%} of {search}'s trials of its seed (mean over "
-                  f"{len(common)} seeds); its val acc minus the median trial's {mean(below_median):+.4f}")
+                  f"{len(common)} seeds); its val acc minus the median trial's {mean(above_median):+.4f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="a records folder written by metadistill run or reproduce")
+    args = parser.parse_args()
+    datasets = finished_runs(args.folder)
+    if not datasets:
+        raise SystemExit(f"no finished runs under {args.folder}")
+    for dataset, by_method in sorted(datasets.items()):
+        print(f"## {dataset}")
+        compare({method: {r["seed"]: r for r in records} for method, records in by_method.items()})
 
 
 if __name__ == "__main__":
