@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from metadistill.ddp import fit_ddp, init_from_env
+from metadistill.ddp import end_rank, fit_ddp, init_from_env
 from metadistill.engine import fit
 from metadistill.problem import Problem
 from metadistill.results import DivergenceError
@@ -95,6 +95,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             json.dump(out, f)
     finally:
         dist.destroy_process_group()
+    end_rank(0)  # as the CLI's ranks end (see end_rank); an error above still ends the process as a failure
 
 
 def _free_port() -> int:

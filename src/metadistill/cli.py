@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -266,6 +267,15 @@ def _report(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    code = _main(args)
+    if getattr(args, "ddp", False) and "TORCHELASTIC_RUN_ID" in os.environ:  # a rank of a torchrun launch
+        from .ddp import end_rank
+
+        end_rank(code)
+    return code
+
+
+def _main(args: argparse.Namespace) -> int:
     keep_freed_memory()
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
