@@ -215,3 +215,28 @@ def test_online_through_adam_is_the_derivative_of_the_unrolled_adam_steps(decay)
         expected = torch.autograd.grad(F.cross_entropy(zv, data.y_val[val_indices[k - 1]]), lam_t,
                                        retain_graph=True)[0]
         torch.testing.assert_close(strategy.seen[k - 1], expected, rtol=1e-7, atol=1e-12)
+
+
+def test_a_run_whose_tangents_stop_being_finite_restarts_them_and_only_that_run():
+    """OnlineTangent: a run of a batch whose Z or momentum tangent overflowed starts both again from 0 (counted);
+    the other run's tangents are kept bit for bit, and finite tangents are never touched."""
+    from metadistill.hypergrad import OnlineTangent
+
+    tracker = OnlineTangent(gamma=0.99)
+    g = torch.Generator().manual_seed(0)
+    # two runs side by side: [2 (d lambda1, d T), 2 runs * 3 rows, 4] for a weight, [2, 2 runs * 3] for a bias
+    z = {"w": torch.randn(2, 6, 4, generator=g), "b": torch.randn(2, 6, generator=g)}
+    state = {"w": {"buffer": torch.randn(2, 6, 4, generator=g)}}
+    tracker.z, tracker.state = {k: v.clone() for k, v in z.items()}, {"w": {"buffer": state["w"]["buffer"].clone()}}
+    tracker._restart_nonfinite(2)
+    assert tracker.restarts == [0, 0]
+    assert all(torch.equal(tracker.z[k], z[k]) for k in z)
+    tracker.state["w"]["buffer"][1, 4, 2] = float("inf")  # run 1's momentum tangent overflowed
+    tracker.z["b"][0, 5] = float("nan")
+    tracker._restart_nonfinite(2)
+    assert tracker.restarts == [0, 1]
+    assert torch.equal(tracker.z["w"][:, :3], z["w"][:, :3]) and torch.equal(tracker.z["b"][:, :3], z["b"][:, :3])
+    assert torch.equal(tracker.state["w"]["buffer"][:, :3], state["w"]["buffer"][:, :3])
+    assert not tracker.z["w"][:, 3:].any() and not tracker.z["b"][:, 3:].any()
+    assert not tracker.state["w"]["buffer"][:, 3:].any()
+    assert tracker.state_dict()["restarts"] == [0, 1]

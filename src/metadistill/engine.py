@@ -265,7 +265,7 @@ class Engine:
         share = wall / len(self.runs)
         extra = {"batch_runs": len(self.runs), "batch_wall_s": wall} if self.layout.stacked else {}
         outcomes: list[Outcome] = []
-        for run in self.runs:
+        for r, run in enumerate(self.runs):
             if run.failed is not None:
                 error = DivergenceError(run.failed["message"])
                 error.wall_s, error.step, error.lam = share, run.failed["step"], tuple(run.failed["lam"])
@@ -279,8 +279,16 @@ class Engine:
                 final_temperature=run.lam.temperature, steps=self.steps_done,
                 hypergrad_evals=run.hypergrad_evals, full_trainings=1, wall_s=share,
                 nonfinite_hypergrads=run.nonfinite, history=run.history, evals=run.evaluations.points,
-                extra={**extra, **self.parallel.facts()}))
+                extra={**extra, **self.parallel.facts(), **self._online_facts(r)}))
         return outcomes
+
+
+    def _online_facts(self, r: int) -> dict[str, int]:
+        """How often run r's long-horizon tangents restarted from 0 (OnlineTangent), where it has them."""
+        if self.online is None:
+            return {}
+        restarts = self.online.restarts
+        return {"tangent_restarts": restarts[r] if r < len(restarts) else 0}
 
 
 def checkpoint_identity(problem: Problem, strategies: list[Strategy], config: TrainConfig, seeds: list[int],
