@@ -282,7 +282,6 @@ class Engine:
                 extra={**extra, **self.parallel.facts(), **self._online_facts(r)}))
         return outcomes
 
-
     def _online_facts(self, r: int) -> dict[str, int]:
         """How often run r's long-horizon tangents restarted from 0 (OnlineTangent), where it has them."""
         if self.online is None:
