@@ -222,3 +222,23 @@ def test_fingerprint_covers_large_tensors_exactly():
     x[-1] = 1.0
     assert tensor_fingerprint(x)["checksum"] != before["checksum"]
     assert before["shape"] == [2**24 + 4097]
+
+
+def test_synthetic_teachers_descent_is_autograd_and_sgd_to_the_bit():
+    """The synthetic task's teacher skips autograd for speed; its steps must stay those of backward() + SGD."""
+    from metadistill.data.synthetic import SPLITS, TEACHER_FEATURES, _descend, sample
+
+    generator = torch.Generator().manual_seed(3)
+    x, y = sample(SPLITS["teacher"], generator)
+    x = x[:, TEACHER_FEATURES]
+    torch.manual_seed(3)
+    reference = nn.Linear(len(TEACHER_FEATURES), 2)
+    weight, bias = reference.weight.detach().clone(), reference.bias.detach().clone()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05)
+    for _ in range(300):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(reference(x), y).backward()
+        optimizer.step()
+    _descend(x, y, weight, bias, 300, 0.05)
+    assert not torch.equal(weight, reference.weight.detach().clone().zero_())  # it moved
+    assert torch.equal(weight, reference.weight.detach()) and torch.equal(bias, reference.bias.detach())
