@@ -36,6 +36,8 @@ def cli(*args):
     (["run", "--dataset", "synthetic", "--method", "naive", "--ddp"], "--ddp runs under torchrun"),
     (["run", "--dataset", "synthetic", "--method", "hyperopt", "--ddp"], "hyperopt is not supported"),
     (["run", "--dataset", "synthetic", "--method", "naive", "--executor", "cluster"], "invalid choice: 'cluster'"),
+    (["run", "--dataset", "synthetic", "--method", "naive", "--executor", "ray", "--workers", "2"],
+     "--workers is for the local executor"),
     (["run", "--dataset", "synthetic", "--method", "naive", "--device", "gpu"], "device must be a torch device (cpu"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):
@@ -210,7 +212,7 @@ def test_a_full_disk_is_one_clear_error_and_keeps_the_finished_runs(tmp_path, ca
 
     monkeypatch.setattr(experiment, "save_run", disk_full_after_one_run)
     command = ["run", "--dataset", "synthetic", "--method", "naive", "--runs", "2", "--set", "batch_runs=1",
-               "--out", str(out), *FAST]
+               "--workers", "1", "--out", str(out), *FAST]  # in order: run 0 is saved, run 1 meets the full disk
     assert main(command) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"metadistill: error: No space left on device ({out}/synthetic/naive/run_001/result.json); "

@@ -106,9 +106,13 @@ def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=_positive_int, help="shorthand for --set epochs=N")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
     parser.add_argument("--executor", choices=EXECUTORS, default="local",
-                        help="local: every task in this process (default); ray: each task (a method's batch of "
-                             "batch_runs runs) as a Ray task declaring `threads` CPUs (1 if 0) and a GPU on cuda; "
-                             "needs pip install 'metadistill[ray]'")
+                        help="local: the tasks in this process, or in --workers processes (default); ray: each task "
+                             "(a method's batch of batch_runs runs) as a Ray task declaring `threads` CPUs (1 if 0) "
+                             "and a GPU on cuda; needs pip install 'metadistill[ray]'")
+    parser.add_argument("--workers", type=_positive_int,
+                        help="local executor: train N tasks at a time, each in a worker process (default: as many "
+                             "as the CPUs hold when `threads` is pinned, as the synthetic preset's 1 is: 2 on a "
+                             "2-core machine; else 1, this process)")
     parser.add_argument("--ray-address", help="address of a running Ray cluster, for --executor ray and the pbt "
                                               "method (default: start a local Ray runtime)")
     parser.add_argument("--ray-num-cpus", type=_positive_int,
@@ -198,13 +202,15 @@ def _experiment(args: argparse.Namespace, methods: list[str]) -> int:
     check_writable(args.out)
     runs = args.runs or preset(args.dataset, args.quick).get("runs", 10)
     seeds = list(range(args.first_seed, args.first_seed + runs))
+    if args.executor != "local" and args.workers:
+        raise ConfigError("--workers is for the local executor (Ray places the tasks of --executor ray itself)")
     if args.executor != "ray" and "pbt" not in methods and (args.ray_address or args.ray_num_cpus):
         raise ConfigError("--ray-address and --ray-num-cpus need --executor ray or the pbt method")
     diverged: GridDiverged | None = None
     try:
         if getattr(args, "ddp", False):
-            if args.executor != "local":
-                raise ConfigError("--ddp runs under torchrun, not with --executor ray")
+            if args.executor != "local" or args.workers:
+                raise ConfigError("--ddp runs under torchrun, not with --executor ray or --workers")
             ddp_results = run_ddp(config, methods[0], seeds, args.out, quiet=args.quiet,
                                   retry_diverged=args.retry_diverged)
             if ddp_results is None:  # not rank 0: rank 0 writes the records and the report
@@ -213,7 +219,7 @@ def _experiment(args: argparse.Namespace, methods: list[str]) -> int:
         else:
             results = run_experiment(config, methods, seeds, args.out, quiet=args.quiet, executor=args.executor,
                                      ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
-                                     retry_diverged=args.retry_diverged)
+                                     retry_diverged=args.retry_diverged, workers=args.workers)
     except GridDiverged as error:  # the other runs finished: report them, then exit 1 listing the diverged
         results, diverged = error.results, error
     write_figures(args.out)

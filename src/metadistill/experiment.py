@@ -17,6 +17,7 @@ from tqdm import tqdm
 from .config import METHODS, ONLINE_METHODS, SEARCH_METHODS, ConfigError, ExperimentConfig
 from .engine import Outcome, batchable
 from .problem import Problem
+from .processes import default_workers, run_in_processes
 from .records import load_record, run_dir, save_diverged, save_run
 from .results import DivergenceError, RunResult
 from .runtime import ray_runtime
@@ -113,11 +114,12 @@ def _local_progress(config: ExperimentConfig, task: Task, quiet: bool) -> tqdm:
 def run_experiment(config: ExperimentConfig, methods: list[str], seeds: list[int], out: Path,
                    quiet: bool = False, log: Callable[[str], None] = print, executor: str = "local",
                    ray_address: str | None = None, ray_num_cpus: int | None = None,
-                   retry_diverged: bool = False) -> dict[str, list[dict]]:
+                   retry_diverged: bool = False, workers: int | None = None) -> dict[str, list[dict]]:
     """Run every (method, seed) not yet recorded under `out`; returns {method: [result, ...]} for all of them.
 
     The pending runs of a method train `config.batch_runs` at a time as one stacked computation where the
-    student allows it (else one at a time); each such task runs in this process (executor "local") or as
+    student allows it (else one at a time); each such task runs locally (executor "local": in this process,
+    or `workers` tasks at a time in worker processes, see processes.py; default `default_workers`) or as
     a Ray task (executor "ray", see ray_executor). Each run's records are written as soon as its task
     finishes and a batch in progress checkpoints every epoch, so an interrupted experiment resumes where
     it stopped when the same command is run again. A run that diverges is recorded as diverged and the
@@ -126,6 +128,8 @@ def run_experiment(config: ExperimentConfig, methods: list[str], seeds: list[int
     """
     if executor not in EXECUTORS:
         raise ConfigError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    if workers is not None and (workers < 1 or executor != "local"):
+        raise ConfigError(f"workers is for the local executor and must be >= 1, got {workers} ({executor})")
     if config.threads:
         torch.set_num_threads(config.threads)
     data = None if config.dataset == "synthetic" else load_vision_config(config)
@@ -136,16 +140,22 @@ def run_experiment(config: ExperimentConfig, methods: list[str], seeds: list[int
     # read it from.
     problem, facts = load_problem(config, progress=not quiet, data=data)
     tasks = grid.tasks(config.batch_runs if batchable(problem, config.train_config()) else 1)
+    others = [task for task in tasks if task.method != "pbt"]  # pbt's members are Ray actors already
+    workers = default_workers(config) if workers is None else workers
     with ExitStack() as stack:
+        elsewhere = None
         if executor == "ray":
             from .ray_executor import ray_session, run_on_ray
 
             stack.enter_context(ray_session(ray_address, ray_num_cpus, quiet))  # pbt's members use it too
-            remote = [task for task in tasks if task.method != "pbt"]  # pbt's members are Ray actors already
-            for task, outcomes in run_on_ray(config, remote, out, ray_address, ray_num_cpus, quiet, log):
+            elsewhere = run_on_ray(config, others, out, ray_address, ray_num_cpus, quiet, log)
+        elif min(workers, len(others)) > 1:
+            elsewhere = run_in_processes(config, problem, grid.context, others, out, workers, quiet)
+        if elsewhere is not None:
+            for task, outcomes in elsewhere:
                 grid.finish(task, outcomes, facts, quiet, log)
             tasks = [task for task in tasks if task.method == "pbt"]
-        elif any(task.method == "pbt" for task in tasks):  # one local runtime for all the grid's pbt searches
+        if executor == "local" and any(task.method == "pbt" for task in tasks):  # one runtime for every search
             stack.enter_context(ray_runtime(ray_address, ray_num_cpus, quiet=True, needs="method pbt"))
         for task in tasks:
             with _local_progress(config, task, quiet) as bar:

@@ -18,26 +18,12 @@ from typing import Any
 from .config import ConfigError, ExperimentConfig
 from .engine import Outcome
 from .runtime import ray_runtime, require_ray, worker_error
-from .tasks import Task, context_of, load_problem, load_vision_config, run_task
+from .tasks import run_task_alone
 
 
 def _task(config_values: dict, method: str, seeds: list[int], out: str) -> list[Outcome]:
     """Runs on a Ray worker: load the problem (data, cached teacher) and train the task's runs."""
-    import torch
-
-    from .runtime import keep_freed_memory
-
-    keep_freed_memory()
-    config = ExperimentConfig(**config_values)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    data = None if config.dataset == "synthetic" else load_vision_config(config)
-    problem, _ = load_problem(config, progress=False, data=data)
-    outcomes = run_task(config, problem, Task(method, seeds), Path(out), context_of(config, data))
-    for outcome in outcomes:
-        if not isinstance(outcome, Exception):
-            outcome.extra.update(torch=torch.__version__, threads=torch.get_num_threads(), executor="ray")
-    return outcomes
+    return run_task_alone(config_values, method, seeds, out, "ray")
 
 
 def resources(config: ExperimentConfig) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """A task of an experiment: loading its problem (data, cached teacher), the identity of its runs, training them.
 
-Shared by the in-process executor (experiment.py) and the Ray executor (ray_executor.py), which both sit
-above this module.
+Shared by the in-process executor (experiment.py), its pool of worker processes (processes.py) and the Ray
+executor (ray_executor.py), which all sit above this module.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .config import NOT_IDENTITY, ExperimentConfig
 from .data.vision import VisionData, load_vision
 from .engine import Outcome, fit_batched
@@ -22,6 +24,7 @@ from .optuna_search import optuna_search
 from .pbt import pbt_search
 from .problem import Problem
 from .results import DivergenceError
+from .runtime import keep_freed_memory
 from .search import hyperopt_search_batched
 from .teacher import TeacherResult, entry_name, get_teacher
 
@@ -133,3 +136,20 @@ def run_task(config: ExperimentConfig, problem: Problem, task: Task, out: Path, 
                 for i, seed in enumerate(task.seeds)]
     return fit_batched(problem, [config.strategy(task.method) for _ in task.seeds], train_config, task.seeds,
                        progress, checkpoint_dir / "train.ckpt", identity)
+
+
+def run_task_alone(config_values: dict, method: str, seeds: list[int], out: str, executor: str) -> list[Outcome]:
+    """`run_task` in a process of its own (a Ray worker, or a worker process of the local executor): load the
+    problem (the data, the teacher from the cache the driver filled) and train the task's runs. Their records
+    say which executor ran them, with the process's torch version and threads."""
+    keep_freed_memory()
+    config = ExperimentConfig(**config_values)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    data = None if config.dataset == "synthetic" else load_vision_config(config)
+    problem, _ = load_problem(config, progress=False, data=data)
+    outcomes = run_task(config, problem, Task(method, seeds), Path(out), context_of(config, data))
+    for outcome in outcomes:
+        if not isinstance(outcome, Exception):
+            outcome.extra.update(torch=torch.__version__, threads=torch.get_num_threads(), executor=executor)
+    return outcomes
