@@ -82,7 +82,7 @@ def test_a_diverging_run_is_recorded_the_grid_goes_on_and_a_rerun_does_not_repea
     monkeypatch.setattr(experiment, "run_task", diverge_naive_run_1)
     out = tmp_path / "records"
     command = ["reproduce", "--dataset", "synthetic", "--runs", "3", "--methods", "naive,gradient,no_distillation",
-               "--out", str(out), *FAST]
+               "--workers", "1", "--out", str(out), *FAST]  # in this process, where run_task is patched
     assert main(command) == 1
     err = capsys.readouterr().err
     assert "naive run 1: training diverged at step 7" in err and err.count("\n") == 1
