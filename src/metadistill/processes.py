@@ -29,7 +29,7 @@ from tqdm import tqdm
 from .config import ExperimentConfig
 from .engine import Outcome
 from .problem import Problem
-from .tasks import Task, run_task, run_task_alone
+from .tasks import Task, run_task, run_task_alone, tagged
 
 
 def usable_cpus() -> int:
@@ -68,12 +68,8 @@ def _job(job: tuple[int, dict, str, list[int], str]) -> tuple[int, list[Outcome]
     index, values, method, seeds, out = job
     if _problem is None:  # spawned: a fresh interpreter
         return index, run_task_alone(values, method, seeds, out, "processes")
-    config = ExperimentConfig(**values)
-    outcomes = run_task(config, _problem, Task(method, seeds), Path(out), _context)
-    for outcome in outcomes:
-        if not isinstance(outcome, Exception):
-            outcome.extra["executor"] = "processes"
-    return index, outcomes
+    return index, tagged(run_task(ExperimentConfig(**values), _problem, Task(method, seeds), Path(out), _context),
+                         "processes")
 
 
 def run_in_processes(config: ExperimentConfig, problem: Problem, context: dict[str, Any], tasks: list[Task],

@@ -148,7 +148,12 @@ def run_task_alone(config_values: dict, method: str, seeds: list[int], out: str,
         torch.set_num_threads(config.threads)
     data = None if config.dataset == "synthetic" else load_vision_config(config)
     problem, _ = load_problem(config, progress=False, data=data)
-    outcomes = run_task(config, problem, Task(method, seeds), Path(out), context_of(config, data))
+    return tagged(run_task(config, problem, Task(method, seeds), Path(out), context_of(config, data)), executor)
+
+
+def tagged(outcomes: list[Outcome], executor: str) -> list[Outcome]:
+    """`outcomes` with the facts of the process that trained them (executor, torch version, threads) in each
+    finished run's extra."""
     for outcome in outcomes:
         if not isinstance(outcome, Exception):
             outcome.extra.update(torch=torch.__version__, threads=torch.get_num_threads(), executor=executor)

@@ -41,7 +41,6 @@ def synthetic_problem(
     weight, bias = teacher[0].weight, teacher[0].bias
     with torch.no_grad():
         _descend(x_teacher[:, TEACHER_FEATURES], y_teacher, weight, bias, teacher_steps, teacher_lr)
-    with torch.no_grad():
         teacher_train = teacher(parts["train"][0][:, TEACHER_FEATURES])
         x_test, y_test = parts["test"]
         teacher_acc = float((teacher(x_test[:, TEACHER_FEATURES]).argmax(1) == y_test).float().mean())
