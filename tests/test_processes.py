@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -57,26 +58,54 @@ def test_workers_are_for_the_local_executor(tmp_path):
         run_experiment(build_config("synthetic", SETTINGS), ["naive"], [0], tmp_path, quiet=True, workers=0)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the driver's death signal is Linux's prctl")
-def test_no_worker_outlives_a_killed_driver(tmp_path):
+def _driver_with_two_workers(out: Path) -> tuple[subprocess.Popen, list[int]]:
+    """A reproduce command training two endless tasks in two worker processes, and the workers' pids."""
     command = [sys.executable, "-m", "metadistill.cli", "reproduce", "--dataset", "synthetic", "--runs", "2",
                "--methods", "gradient,online", "--set", "epochs=100000", "--set", "teacher_steps=200",
-               "--workers", "2", "--out", str(tmp_path), "--quiet"]
-    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+               "--workers", "2", "--out", str(out), "--quiet"]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     children: list[int] = []
     deadline = time.time() + 120
     while len(children) < 2 and driver.poll() is None and time.time() < deadline:
         time.sleep(0.1)
         children = [int(pid) for pid in Path(f"/proc/{driver.pid}/task/{driver.pid}/children").read_text().split()]
-    assert len(children) == 2, driver.stderr.read() if driver.poll() is not None else "no workers"
-    driver.kill()
-    driver.wait()
-    deadline = time.time() + 30
-    alive = children
+    if len(children) < 2:
+        driver.kill()
+        pytest.fail(driver.communicate()[1] or "no workers")
+    return driver, children
+
+
+def _wait_gone(pids: list[int], seconds: float) -> list[int]:
+    deadline = time.time() + seconds
+    alive = pids
     while alive and time.time() < deadline:
         time.sleep(0.1)
-        alive = [pid for pid in children if _running(pid)]
+        alive = [pid for pid in pids if _running(pid)]
+    return alive
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the driver's death signal is Linux's prctl")
+def test_no_worker_outlives_a_killed_driver(tmp_path):
+    driver, children = _driver_with_two_workers(tmp_path)
+    driver.kill()
+    driver.wait()
+    alive = _wait_gone(children, 30)
     assert not alive, f"workers {alive} still run after their driver was killed"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the workers' pids from /proc")
+def test_a_killed_worker_stops_the_experiment_with_one_error(tmp_path):
+    driver, children = _driver_with_two_workers(tmp_path)
+    os.kill(children[0], signal.SIGKILL)  # as the out-of-memory killer would
+    try:
+        _, stderr = driver.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        driver.kill()
+        pytest.fail("the driver waits on after a worker was killed")
+    assert driver.returncode == 1
+    assert "a worker process ended without finishing its task" in stderr and "rerun the same command" in stderr
+    assert "Traceback" not in stderr
+    assert not _wait_gone(children, 30), "the other worker trains on"
 
 
 def _running(pid: int) -> bool:

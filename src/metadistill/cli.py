@@ -27,6 +27,7 @@ from .experiment import EXECUTORS, GridDiverged, run_ddp, run_experiment
 from .optuna_search import require_optuna
 from .pbt import require_tune
 from .plots import write_figures
+from .processes import WorkerDied
 from .records import RecordError, check_writable, finished_runs
 from .report import summarize, text_table, write_report
 from .results import DivergenceError
@@ -291,6 +292,10 @@ def _main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except DivergenceError as error:
         print(f"metadistill: error: {error}; finished runs are kept in the records directory", file=sys.stderr)
+        return EXIT_FAILED
+    except WorkerDied as error:
+        print(f"metadistill: error: {error}; finished runs are kept, rerun the same command to resume",
+              file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt as stop:
         print("metadistill: interrupted; finished runs are kept, rerun the same command to resume", file=sys.stderr)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,7 +152,7 @@ def run_experiment(config: ExperimentConfig, methods: list[str], seeds: list[int
         elif min(workers, len(others)) > 1:
             elsewhere = run_in_processes(config, problem, grid.context, others, out, workers, quiet)
         if elsewhere is not None:
-            for task, outcomes in elsewhere:
+            for task, outcomes in stack.enter_context(closing(elsewhere)):  # an error here stops its workers now
                 grid.finish(task, outcomes, facts, quiet, log)
             tasks = [task for task in tasks if task.method == "pbt"]
         if executor == "local" and any(task.method == "pbt" for task in tasks):  # one runtime for every search

@@ -8,7 +8,8 @@ task's records itself as soon as the task returns; a worker checkpoints a batch 
 --out, so an interrupted experiment resumes. On Linux the workers are forked from the driver once its problem
 is loaded, and share it (they start in milliseconds, which is what makes them pay off on tasks of seconds);
 elsewhere they are spawned, and each loads the problem again (the teacher from the cache). A worker dies with
-the driver, however the driver ends.
+the driver, however the driver ends; a worker that dies (killed from outside, out of memory) stops the
+experiment with WorkerDied, the other tasks' records kept.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,10 @@ def default_workers(config: ExperimentConfig) -> int:
     if not config.threads or config.device != "cpu":
         return 1
     return max(1, usable_cpus() // config.threads)
+
+
+class WorkerDied(RuntimeError):
+    """A worker process ended without returning its task (a signal, the out-of-memory killer)."""
 
 
 _problem: Problem | None = None  # the driver's, inherited by forked workers
@@ -84,12 +91,27 @@ def run_in_processes(config: ExperimentConfig, problem: Problem, context: dict[s
     jobs = [(i, values, task.method, task.seeds, str(Path(out).resolve())) for i, task in enumerate(tasks)]
     count = min(workers, len(tasks))
     _problem, _context = (problem, context) if fork else (None, {})
+    ours = set(multiprocessing.active_children())  # the caller's own children, left alone
+    pending: set[Future] = set()
+    pool = ProcessPoolExecutor(count, multiprocessing.get_context("fork" if fork else "spawn"), _start_worker)
     try:
-        with multiprocessing.get_context("fork" if fork else "spawn").Pool(count, _start_worker) as pool, \
-                tqdm(total=len(tasks), desc=f"{config.dataset}: tasks in {count} processes", unit="task",
-                     disable=quiet, leave=False, dynamic_ncols=True) as bar:
-            for index, outcomes in pool.imap_unordered(_job, jobs):
-                bar.update()
-                yield tasks[index], outcomes
+        with tqdm(total=len(tasks), desc=f"{config.dataset}: tasks in {count} processes", unit="task",
+                  disable=quiet, leave=False, dynamic_ncols=True) as bar:
+            pending = {pool.submit(_job, job) for job in jobs}
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in sorted(done, key=lambda future: future.exception() is not None):  # results first
+                    try:
+                        index, outcomes = future.result()
+                    except BrokenProcessPool:
+                        raise WorkerDied("a worker process ended without finishing its task (killed by a signal, "
+                                         "or out of memory?)") from None
+                    bar.update()
+                    yield tasks[index], outcomes
     finally:
         _problem, _context = None, {}
+        pool.shutdown(wait=False, cancel_futures=True)
+        if pending:  # left early: the workers still training are stopped now (their checkpoints stay)
+            for worker in set(multiprocessing.active_children()) - ours:
+                worker.terminate()
+        pool.shutdown(wait=True)
