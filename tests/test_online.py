@@ -221,6 +221,7 @@ def test_a_run_whose_tangents_stop_being_finite_restarts_them_and_only_that_run(
     """OnlineTangent: a run of a batch whose Z or momentum tangent overflowed starts both again from 0 (counted);
     the other run's tangents are kept bit for bit, and finite tangents are never touched."""
     from metadistill.hypergrad import OnlineTangent
+    from metadistill.steps import Runs
 
     tracker = OnlineTangent(gamma=0.99)
     g = torch.Generator().manual_seed(0)
@@ -228,12 +229,12 @@ def test_a_run_whose_tangents_stop_being_finite_restarts_them_and_only_that_run(
     z = {"w": torch.randn(2, 6, 4, generator=g), "b": torch.randn(2, 6, generator=g)}
     state = {"w": {"buffer": torch.randn(2, 6, 4, generator=g)}}
     tracker.z, tracker.state = {k: v.clone() for k, v in z.items()}, {"w": {"buffer": state["w"]["buffer"].clone()}}
-    tracker._restart_nonfinite(2)
+    tracker._restart_nonfinite(Runs(count=2, stacked=True))
     assert tracker.restarts == [0, 0]
     assert all(torch.equal(tracker.z[k], z[k]) for k in z)
     tracker.state["w"]["buffer"][1, 4, 2] = float("inf")  # run 1's momentum tangent overflowed
     tracker.z["b"][0, 5] = float("nan")
-    tracker._restart_nonfinite(2)
+    tracker._restart_nonfinite(Runs(count=2, stacked=True))
     assert tracker.restarts == [0, 1]
     assert torch.equal(tracker.z["w"][:, :3], z["w"][:, :3]) and torch.equal(tracker.z["b"][:, :3], z["b"][:, :3])
     assert torch.equal(tracker.state["w"]["buffer"][:, :3], state["w"]["buffer"][:, :3])

@@ -167,28 +167,27 @@ class OnlineTangent:
         if d_grad is None:
             d_grad = gradient_tangents(taken, z, self.hessian)
         self.z = taken.update.tangent(taken.model, z, d_grad, self.state)
-        self._restart_nonfinite(taken.runs.count)
+        self._restart_nonfinite(taken.runs)
         self.last_step, self.begun = step, None
 
-    def _restart_nonfinite(self, count: int) -> None:
+    def _restart_nonfinite(self, runs: Runs) -> None:
         """Zero the tangents of each run whose Z or state tangents are not all finite (see the class docstring);
-        every tangent is [2, *parameter shape], each run's part contiguous after the first dimension's split
-        (as Runs.per_run_sum reads it)."""
+        every tangent is [2, *parameter shape], each run's part as Runs.parts reads it."""
+        count = runs.count
         if len(self.restarts) != count:
             self.restarts = [0] * count
         tensors = [*self.z.values(), *(t for own in self.state.values() for t in own.values())]
         if not tensors:
             return
-        finite = torch.stack([t.reshape(t.shape[0], count, -1).isfinite().all(-1).all(0) for t in tensors]).all(0)
+        finite = torch.stack([runs.parts(t, lead=1).isfinite().all(-1).all(0) for t in tensors]).all(0)
         if bool(finite.all()):
             return
         for r in (~finite).nonzero().flatten().tolist():
             self.restarts[r] += 1
 
         def restarted(t: Tensor) -> Tensor:
-            parts = t.reshape(t.shape[0], count, -1)
-            return torch.where(finite.view(1, count, 1), parts, torch.zeros((), dtype=t.dtype,
-                                                                            device=t.device)).reshape(t.shape)
+            zero = torch.zeros((), dtype=t.dtype, device=t.device)
+            return torch.where(finite.view(1, count, 1), runs.parts(t, lead=1), zero).reshape(t.shape)
 
         self.z = {name: restarted(t) for name, t in self.z.items()}
         self.state = {name: {k: restarted(t) for k, t in own.items()} for name, own in self.state.items()}

@@ -64,11 +64,16 @@ class Runs:
         """A loss as the R per-run values [R]."""
         return loss.reshape(self.count)
 
+    def parts(self, t: Tensor, lead: int = 0) -> Tensor:
+        """A weight-shaped tensor ([*lead dims, *param shape]) as [*lead dims, R, the run's values]. Stacked
+        weights keep the runs in their first dimension (grouped convolutions and BatchNorm run-major along
+        channels, StackedLinear along its run axis)."""
+        return t.reshape(*t.shape[:lead], self.count, -1)
+
     def per_run_sum(self, products: dict[str, Tensor], lead: int = 0) -> Tensor:
         """Sum over the weights of each run's part of `products` ([*lead dims, *param shape] per name) ->
-        [*lead dims, R]. Stacked weights keep the runs in their first dimension (grouped convolutions and
-        BatchNorm run-major along channels, StackedLinear along its run axis)."""
-        parts = [t.reshape(*t.shape[:lead], self.count, -1).sum(-1) for t in products.values()]
+        [*lead dims, R]."""
+        parts = [self.parts(t, lead).sum(-1) for t in products.values()]
         if not parts:
             raise ValueError("the model has no trainable weights")
         return torch.stack(parts).sum(0)
