@@ -95,7 +95,9 @@ def test_float32_batched_runs_agree_to_float_tolerance():
     batched = fit_batched(problem, [strategy("gradient") for _ in SEEDS], IMAGE, SEEDS)
     for single, batch in zip(singles, batched):
         assert batch.history["temperature"] == pytest.approx(single.history["temperature"], rel=1e-4)
-        assert batch.history["train_loss"] == pytest.approx(single.history["train_loss"], rel=1e-4)
+        # float32 sums in another order (a grouped against a plain convolution; the thread count) drift as the
+        # students train: 1.1e-4 relative at step 6 of 8, measured with one thread
+        assert batch.history["train_loss"] == pytest.approx(single.history["train_loss"], rel=5e-4)
 
 
 def test_stacked_model_is_the_models_side_by_side():
