@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-# The tests train tiny models (batches of 16 images or fewer), which gain little from several intra-op threads;
-# beside other busy processes those threads wait for a core at every operation (an 8-step
-# fit of the CNN test student took 2-12 s with 2 threads against 0.1-0.3 s with 1, beside two training runs).
-# The commands the tests start inherit the setting; a test of several threads sets its own.
+# The tests train tiny models on tiny data, which gain little from several intra-op threads; beside other busy
+# processes those threads wait for a core at every operation (an 8-step fit of the CNN test student took 2-12 s
+# with 2 threads against 0.1-0.3 s with 1, beside two training runs). The commands the tests start inherit the
+# setting through OMP_NUM_THREADS.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
