@@ -166,7 +166,7 @@ def test_tpe_search_asks_the_points_fmin_would_try():
     import numpy as np
     from hyperopt import STATUS_OK, Trials, fmin, tpe
 
-    from metadistill.search import SPACE, TPESearch
+    from metadistill.search import TPESearch, space
 
     def score(lambda1, log10_temperature):  # any deterministic objective; failures every third trial
         return None if round(lambda1 * 1000) % 3 == 0 else -((lambda1 - 0.3) ** 2) - (log10_temperature - 0.2) ** 2
@@ -179,7 +179,7 @@ def test_tpe_search_asks_the_points_fmin_would_try():
             value = score(point["lambda1"], point["log10_temperature"])
             return {"status": "fail"} if value is None else {"loss": -value, "status": STATUS_OK}
 
-        fmin(objective, SPACE, algo=tpe.suggest, max_evals=25, trials=Trials(), rstate=np.random.default_rng(seed),
+        fmin(objective, space(), algo=tpe.suggest, max_evals=25, trials=Trials(), rstate=np.random.default_rng(seed),
              show_progressbar=False)
         search = TPESearch(seed)
         for expected in seen:

@@ -1,8 +1,9 @@
 """Figure helpers: mean ± sd bands stay within the plotted quantity's range."""
 
 import json
+import subprocess
+import sys
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
@@ -17,7 +18,7 @@ from metadistill.plots import _band
     ([[0.1, 10.0], [10.0, 10.0], [0.1, 0.1]], True, TEMPERATURE_BOUNDS),
 ])
 def test_band_is_clipped_to_the_bounds(values, log, bounds):
-    fig, ax = plt.subplots()
+    ax = plots._figure().subplots()
     values = np.array(values)
     unclipped = values.mean(0) - values.std(0), values.mean(0) + values.std(0)
     if log:
@@ -28,7 +29,6 @@ def test_band_is_clipped_to_the_bounds(values, log, bounds):
     (band,) = ax.collections
     y = np.concatenate([path.vertices[:, 1] for path in band.get_paths()])
     assert y.min() >= bounds[0] and y.max() <= bounds[1]
-    plt.close(fig)
 
 
 def test_trajectory_bands_stay_within_the_metaparameter_bounds(tmp_path, monkeypatch):
@@ -48,4 +48,18 @@ def test_trajectory_bands_stay_within_the_metaparameter_bounds(tmp_path, monkeyp
         (band,) = [c for c in ax.collections if c.get_paths()]
         y = np.concatenate([path.vertices[:, 1] for path in band.get_paths()])
         assert y.min() >= low and y.max() <= high
-    plt.close(fig)
+
+
+def test_metadistill_loads_matplotlib_and_hyperopt_only_to_use_them(tmp_path):
+    """They take seconds to import (hyperopt with scipy.stats): the CLI and every worker process start without
+    them; a figure is drawn without pyplot, so a user's backend and pyplot figures are left alone."""
+    run = {"method": "naive", "dir": str(tmp_path), "seed": 0, "steps": 10, "hypergrad_evals": 0,
+           "final_test_acc": 0.5}
+    code = ("import sys; import metadistill, metadistill.cli; from metadistill import plots; "
+            "loaded = [m for m in ('matplotlib', 'hyperopt', 'scipy') if m in sys.modules]; "
+            "assert not loaded, loaded; "
+            f"plots.accuracy_vs_cost('synthetic', {{'naive': [{run!r}]}}, plots.Path({str(tmp_path / 'c.png')!r})); "
+            "assert 'matplotlib' in sys.modules and 'matplotlib.pyplot' not in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -5,15 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .config import GRADIENT_METHODS, METHODS, ONLINE_METHODS, method_order  # noqa: E402
-from .meta import LAMBDA1_BOUNDS, TEMPERATURE_BOUNDS  # noqa: E402
-from .records import CONFIG, finished_runs, load_history  # noqa: E402
+from .config import GRADIENT_METHODS, METHODS, ONLINE_METHODS, method_order
+from .meta import LAMBDA1_BOUNDS, TEMPERATURE_BOUNDS
+from .records import CONFIG, finished_runs, load_history
 
 # What one hypergradient costs on top of its step, in plain steps: bench/hypergrad_cost.py on the Fashion-MNIST
 # student, idle 2-core CPU (README, "Cost of a step"): a step with the greedy jvp one costs 2.59 plain steps, with
@@ -50,10 +46,17 @@ def _in_order(by_method: dict[str, list[dict]]) -> list[str]:
     return sorted(by_method, key=method_order)
 
 
+def _figure(**kwargs: object):
+    """A matplotlib Figure of its own, drawn without pyplot: the user's backend and pyplot's figures are left
+    alone, and matplotlib loads only when a figure is drawn."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 
@@ -83,7 +86,8 @@ def trajectories(dataset: str, by_method: dict[str, list[dict]], path: Path) -> 
     if not methods:
         return None
     histories = {m: [load_history(Path(r["dir"])) for r in by_method[m]] for m in methods}
-    fig, axes = plt.subplots(2, 2, figsize=(12, 6.5), gridspec_kw={"width_ratios": [2, 1]})
+    fig = _figure(figsize=(12, 6.5))
+    axes = fig.subplots(2, 2, gridspec_kw={"width_ratios": [2, 1]})
     zoom_steps = None
     if "proposed" in methods:
         config = _run_config(by_method["proposed"][0])
@@ -135,7 +139,8 @@ def trajectories(dataset: str, by_method: dict[str, list[dict]], path: Path) -> 
 
 def accuracy_curves(dataset: str, by_method: dict[str, list[dict]], path: Path) -> Path:
     """Test accuracy at every evaluation point (per epoch) per method, mean +- sd over runs."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = _figure(figsize=(8, 5))
+    ax = fig.subplots()
     for method in _in_order(by_method):
         runs = by_method[method]
         length = min(len(r["evals"]) for r in runs)
@@ -153,7 +158,8 @@ def accuracy_curves(dataset: str, by_method: dict[str, list[dict]], path: Path) 
 
 def accuracy_vs_cost(dataset: str, by_method: dict[str, list[dict]], path: Path) -> Path:
     """Final test accuracy (each run, and the mean) against cost in plain-step equivalents."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = _figure(figsize=(8, 5))
+    ax = fig.subplots()
     seen: list[float] = []  # mean costs drawn so far
     for method in _in_order(by_method):
         runs = by_method[method]

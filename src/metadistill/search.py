@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from hyperopt import STATUS_FAIL, STATUS_OK, Trials, base, hp, tpe
 
 from .engine import Outcome, fit_batched
 from .files import write_atomic
@@ -24,7 +23,16 @@ from .results import DivergenceError, RunResult, SearchWall
 from .strategies import Fixed
 from .train import TrainConfig
 
-SPACE = {"lambda1": hp.uniform("lambda1", 0.0, 1.0), "log10_temperature": hp.uniform("log10_temperature", -1.0, 1.0)}
+
+def space() -> dict:
+    """The search space: lambda1 ~ U(0, 1), log10 T ~ U(-1, 1). (hyperopt, and the scipy.stats it imports, load
+    here, not with metadistill: they take seconds to import.)"""
+    from hyperopt import hp
+
+    return {"lambda1": hp.uniform("lambda1", 0.0, 1.0),
+            "log10_temperature": hp.uniform("log10_temperature", -1.0, 1.0)}
+
+
 Progress = Callable[[int, int], None]
 
 
@@ -45,12 +53,16 @@ class TPESearch:
     """
 
     def __init__(self, seed: int) -> None:
+        from hyperopt import Trials, base
+
         self.trials = Trials()
         self.rstate = np.random.default_rng(seed)
-        self.domain = base.Domain(_unused_objective, SPACE)
+        self.domain = base.Domain(_unused_objective, space())
         self.pending: dict | None = None
 
     def ask(self) -> Metaparameters:
+        from hyperopt import base, tpe
+
         assert self.pending is None, "tell() the last point first"
         new_ids = self.trials.new_trial_ids(1)
         self.trials.refresh()
@@ -62,10 +74,12 @@ class TPESearch:
 
     def tell(self, val_acc: float | None) -> None:
         """The trial's final validation accuracy, or None when its training diverged (a failed trial)."""
+        from hyperopt import base
+
         assert self.pending is not None, "ask() first"
         self.pending["state"] = base.JOB_STATE_DONE
-        self.pending["result"] = {"status": STATUS_FAIL} if val_acc is None else {"loss": -val_acc,
-                                                                                 "status": STATUS_OK}
+        self.pending["result"] = {"status": base.STATUS_FAIL} if val_acc is None else {
+            "loss": -val_acc, "status": base.STATUS_OK}
         self.pending = None
         self.trials.refresh()
 
