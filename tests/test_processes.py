@@ -68,11 +68,20 @@ def _driver_with_two_workers(out: Path) -> tuple[subprocess.Popen, list[int]]:
     deadline = time.time() + 120
     while len(children) < 2 and driver.poll() is None and time.time() < deadline:
         time.sleep(0.1)
-        children = [int(pid) for pid in Path(f"/proc/{driver.pid}/task/{driver.pid}/children").read_text().split()]
+        # forked workers run the driver's command line; any other child (a short-lived helper program) is not one
+        children = [int(pid) for pid in Path(f"/proc/{driver.pid}/task/{driver.pid}/children").read_text().split()
+                    if _command_line(int(pid)) == _command_line(driver.pid)]
     if len(children) < 2:
         driver.kill()
         pytest.fail(driver.communicate()[1] or "no workers")
     return driver, children
+
+
+def _command_line(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # it has ended
+        return b""
 
 
 def _wait_gone(pids: list[int], seconds: float) -> list[int]:

@@ -14,8 +14,6 @@ experiment with WorkerDied, the other tasks' records kept.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import multiprocessing
 import os
@@ -32,6 +30,7 @@ from tqdm import tqdm
 from .config import ExperimentConfig
 from .engine import Outcome
 from .problem import Problem
+from .runtime import libc
 from .tasks import Task, run_task, run_task_alone, tagged
 
 
@@ -64,9 +63,9 @@ def _start_worker() -> None:
     worker gets SIGTERM when the driver dies (even by SIGKILL), so that none trains on alone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    c = libc()
+    if c is not None:
+        c.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         if os.getppid() == 1:  # the driver died before prctl took effect
             os._exit(1)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import os
 import sys
@@ -25,15 +24,22 @@ def keep_freed_memory() -> bool:
     students here (bench/throughput.py, MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ side by side).
     The heap may keep up to 1 GB of freed memory. A no-op (returning False) off glibc.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(libc(), "mallopt", None)
+    if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+
+
+def libc() -> ctypes.CDLL | None:
+    """The C library the process runs on, on Linux (None elsewhere): the process's own symbols, so no library
+    search (ctypes.util.find_library runs `ldconfig -p` in a child process, which a worker pool's driver then
+    has among its children)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
 
 
 def require_ray(needs: str) -> Any:
