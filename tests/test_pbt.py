@@ -37,13 +37,14 @@ def problem():
 
 @pytest.fixture(scope="module")
 def ray_runtime():
-    """One local Ray runtime for the module (pbt_search uses a runtime already started)."""
+    """One local Ray runtime for the module (pbt_search uses a runtime already started), started as pbt_search
+    starts its own: its workers at the caller's priority, not Ray's niceness 15 (at which the members waited for
+    a core while any other process ran)."""
     pytest.importorskip("ray.tune")
-    import ray
+    from metadistill.runtime import ray_runtime as started
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
+    with started(None, 2, quiet=True):
+        yield
 
 
 @pytest.fixture(scope="module")
