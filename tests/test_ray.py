@@ -76,7 +76,7 @@ def test_ray_grid_writes_the_same_records_and_report_as_in_process(tmp_path):
 def test_killed_ray_grid_reruns_only_the_missing_runs(tmp_path):
     pytest.importorskip("ray")
     out = tmp_path / "records"
-    command = [sys.executable, "-m", "metadistill.cli", *GRID, "--runs", "3", "--methods", "naive,gradient,proposed",
+    command = [sys.executable, "-m", "metadistill.cli", *GRID, "--runs", "2", "--methods", "naive,gradient,proposed",
                "--set", "batch_runs=1", "--set", "epochs=3000", "--out", str(out), "--executor", "ray",
                "--ray-num-cpus", "2"]
 
@@ -91,11 +91,11 @@ def test_killed_ray_grid_reruns_only_the_missing_runs(tmp_path):
     os.killpg(process.pid, signal.SIGKILL)  # the driver and the local Ray runtime it started
     process.communicate(timeout=60)
     first = finished()
-    assert 1 <= len(first) < 9
+    assert 1 <= len(first) < 6
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     second = finished()
-    assert len(second) == 9
+    assert len(second) == 6
     assert all(second[p] == stamp for p, stamp in first.items())  # finished runs were not redone
 
 
