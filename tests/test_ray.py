@@ -76,7 +76,7 @@ def test_ray_grid_writes_the_same_records_and_report_as_in_process(tmp_path):
 def test_killed_ray_grid_reruns_only_the_missing_runs(tmp_path):
     pytest.importorskip("ray")
     out = tmp_path / "records"
-    command = [sys.executable, "-m", "metadistill.cli", *GRID, "--runs", "2", "--methods", "naive,gradient,proposed",
+    command = [sys.executable, "-m", "metadistill.cli", *GRID, "--methods", "naive,gradient,proposed",
                "--set", "batch_runs=1", "--set", "epochs=3000", "--out", str(out), "--executor", "ray",
                "--ray-num-cpus", "2"]
 

@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-_KEPT = "finished runs are kept, rerun the same command to resume"
+def _kept(then: str = "") -> str:
+    return f"finished runs are kept, {then}rerun the same command to resume"
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -297,17 +298,16 @@ def _main(args: argparse.Namespace) -> int:
         print(f"metadistill: error: {error}; finished runs are kept in the records directory", file=sys.stderr)
         return EXIT_FAILED
     except WorkerDied as error:
-        print(f"metadistill: error: {error}; {_KEPT}", file=sys.stderr)
+        print(f"metadistill: error: {error}; {_kept()}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt as stop:
-        print(f"metadistill: interrupted; {_KEPT}", file=sys.stderr)
+        print(f"metadistill: interrupted; {_kept()}", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
     except OSError as error:  # a full disk: records and checkpoints are written atomically (pbt skips a torn member's)
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         where = f" ({error.filename})" if error.filename else ""
-        print(f"metadistill: error: {error.strerror}{where}; {_KEPT.replace('rerun', 'free some space and rerun')}",
-              file=sys.stderr)
+        print(f"metadistill: error: {error.strerror}{where}; {_kept('free some space and ')}", file=sys.stderr)
         return EXIT_FAILED
     finally:
         signal.signal(signal.SIGTERM, previous)
