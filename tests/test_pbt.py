@@ -67,10 +67,12 @@ def decisions(result) -> list[tuple]:
 
 def test_a_population_of_two_exploits_at_every_interval_and_copies_the_weights(searched):
     events = searched.extra["exploits"]  # every member's, as they happened
-    # synchronous PBT: at steps 100 and 200 (not at the end) the worse member copies the better one
-    assert sorted(event["step"] for event in events) == [INTERVAL, 2 * INTERVAL]
+    # synchronous PBT: at steps 100 and 200 (not at the end) the worse member copies the better one, its state at
+    # that step; or, rarely, at its next result, which Tune's synchronous mode has let it reach before the copy
+    # was taken (seen once in a suite run on idle cores: the exploits' steps were 200 and 200; see pbt.py)
+    assert sorted(event["own_step"] for event in events) == [INTERVAL, 2 * INTERVAL]
     for event in events:
-        assert event["copied"] != event["trial"] and event["own_step"] == event["step"]  # a synchronous decision
+        assert event["copied"] != event["trial"] and event["step"] - event["own_step"] in (0, INTERVAL)
         assert event["weights_loaded"] == event["weights_saved"]  # the copy's weights are the source's
         for key in ("lambda1", "temperature"):  # explore: x0.8 or x1.2 (then bounds), or a resample
             ratio = event[key] / event[f"copied_{key}"]
@@ -79,8 +81,9 @@ def test_a_population_of_two_exploits_at_every_interval_and_copies_the_weights(s
 
 
 def test_the_cost_is_every_members_steps_and_the_result_is_the_best_member(searched):
-    # each member took a whole training's steps, none repeated (none skipped: own_step == step above)
-    assert searched.steps == steps_taken(searched.extra, 2, CONFIG.epochs) == 2 * CONFIG.epochs
+    # each member took a whole training's steps, none repeated; less the steps a copier skipped, if its source
+    # ran on before the copy (none where own_step == step, as nearly always)
+    assert searched.steps == steps_taken(searched.extra, 2, CONFIG.epochs) > CONFIG.epochs
     assert searched.full_trainings == 2 and searched.hypergrad_evals == 0 and searched.method == "pbt"
     finals = [member["final_val_acc"] for member in searched.extra["members"]]
     assert searched.final_val_acc == max(finals)
@@ -198,7 +201,7 @@ def test_a_diverged_member_scores_zero_and_is_replaced_at_the_next_exploit(probl
     searched = pbt_search(dataclasses.replace(problem, teacher_train=teacher_train), CONFIG, seed=2, population=2)
     diverged = searched.extra["divergences"]
     assert len(diverged) == 1 and diverged[0]["step"] == 0 and diverged[0]["lam"][1] == starts[0]
-    first = [event for event in searched.extra["exploits"] if event["step"] == INTERVAL]
+    first = [event for event in searched.extra["exploits"] if event["own_step"] == INTERVAL]
     assert len(first) == 1 and first[0]["trial"] == diverged[0]["trial"]  # the diverged member copied the other
     assert first[0]["copied_temperature"] == starts[1]
     assert first[0]["weights_loaded"] == first[0]["weights_saved"]
