@@ -65,6 +65,48 @@ def test_records_of_other_code_are_not_mixed_in(tmp_path, capsys, monkeypatch):
     assert code == 2 and "other settings (code differ)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])  # trained in this process, or handed to worker processes
+def test_a_run_another_process_is_training_is_left_to_it(tmp_path, capsys, workers):
+    """Two commands on one records directory: the second leaves the run the first holds to it, trains the others,
+    says so and exits 1; rerun once the first has ended, it trains that run (nothing else)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "records"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from metadistill.records import Claims; "
+                               "claims = Claims(sys.argv[1], 'synthetic'); print(claims.take('naive', [1]), "
+                               "flush=True); sys.stdin.read()", str(out)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "[]"  # it holds naive run 1
+        command = ["run", "--dataset", "synthetic", "--method", "naive", "--runs", "3", "--workers", workers,
+                   "--out", str(out), *FAST]
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert "naive run 1 was being trained by another process, left to it" in err and err.count("\n") == 1
+        runs = out / "synthetic" / "naive"
+        assert sorted(p.parent.name for p in runs.glob("run_*/result.json")) == ["run_000", "run_002"]
+        assert "naive" in (out / "report.md").read_text()  # the finished runs are reported
+    finally:
+        holder.communicate("")  # its claim ends with it
+    stamps = {p: p.stat().st_mtime_ns for p in runs.glob("run_*/result.json")}
+    assert main(command) == 0
+    assert sorted(p.parent.name for p in runs.glob("run_*/result.json")) == ["run_000", "run_001", "run_002"]
+    assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items())
+
+
+def test_a_run_recorded_by_another_process_after_the_scan_is_taken_as_recorded(tmp_path):
+    out = tmp_path / "records"
+    config = build_config("synthetic", [item for item in FAST[:-1] if item != "--set"])
+    grid = experiment.Grid(config, out, context_of(config, None)).scan(["naive"], [0, 1], retry_diverged=False)
+    assert grid.pending == {"naive": [0, 1]}
+    # another process records run 0 (here: this one, with its own claims, released when it ends)
+    assert main(["run", "--dataset", "synthetic", "--method", "naive", "--runs", "1", "--out", str(out), *FAST]) == 0
+    task = grid.claim(tasks.Task("naive", [0, 1]))
+    assert task == tasks.Task("naive", [1]) and grid.finished["naive"][0]["seed"] == 0 and grid.busy == []
+    grid.close()
+
+
 def test_a_diverging_run_is_recorded_the_grid_goes_on_and_a_rerun_does_not_repeat_it(tmp_path, capsys,
                                                                                       monkeypatch):
     calls = []

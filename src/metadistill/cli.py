@@ -23,7 +23,7 @@ from .config import (
     setting_names,
 )
 from .data.vision import DataError
-from .experiment import EXECUTORS, GridDiverged, run_ddp, run_experiment
+from .experiment import EXECUTORS, GridBusy, GridUnfinished, run_ddp, run_experiment
 from .optuna_search import require_optuna
 from .pbt import require_tune
 from .plots import write_figures
@@ -207,7 +207,7 @@ def _experiment(args: argparse.Namespace, methods: list[str]) -> int:
         raise ConfigError("--workers is for the local executor (Ray places the tasks of --executor ray itself)")
     if args.executor != "ray" and "pbt" not in methods and (args.ray_address or args.ray_num_cpus):
         raise ConfigError("--ray-address and --ray-num-cpus need --executor ray or the pbt method")
-    diverged: GridDiverged | None = None
+    unfinished: GridUnfinished | None = None
     try:
         if getattr(args, "ddp", False):
             if args.executor != "local" or args.workers:
@@ -221,14 +221,14 @@ def _experiment(args: argparse.Namespace, methods: list[str]) -> int:
             results = run_experiment(config, methods, seeds, args.out, quiet=args.quiet, executor=args.executor,
                                      ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
                                      retry_diverged=args.retry_diverged, workers=args.workers)
-    except GridDiverged as error:  # the other runs finished: report them, then exit 1 listing the diverged
-        results, diverged = error.results, error
+    except GridUnfinished as error:  # the other runs finished: report them, then exit 1 listing the rest
+        results, unfinished = error.results, error
     write_figures(args.out)
     write_report(args.out)
     print(text_table(summarize(config.dataset, results)))
     print(f"records, report.md, results.csv, runs.csv and figures/ in {args.out}")
-    if diverged is not None:
-        raise diverged
+    if unfinished is not None:
+        raise unfinished
     return 0
 
 
@@ -299,6 +299,9 @@ def _main(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     except WorkerDied as error:
         print(f"metadistill: error: {error}; {_kept()}", file=sys.stderr)
+        return EXIT_FAILED
+    except GridBusy as error:
+        print(f"metadistill: error: {error}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt as stop:
         print(f"metadistill: interrupted; {_kept()}", file=sys.stderr)

@@ -18,7 +18,7 @@ from .config import METHODS, ONLINE_METHODS, SEARCH_METHODS, ConfigError, Experi
 from .engine import Outcome, batchable
 from .problem import Problem
 from .processes import default_workers, run_in_processes
-from .records import load_record, run_dir, save_diverged, save_run
+from .records import Claims, load_finished, load_record, run_dir, save_diverged, save_run
 from .results import DivergenceError, RunResult
 from .runtime import ray_runtime
 from .tasks import Task, context_of, load_problem, load_vision_config, run_identity, run_task
@@ -36,6 +36,8 @@ class Grid:
     pending: dict[str, list[int]] = field(default_factory=dict)
     finished: dict[str, dict[int, dict]] = field(default_factory=dict)
     diverged: list[str] = field(default_factory=list)  # one line per run that diverged (earlier or now)
+    busy: list[str] = field(default_factory=list)  # the runs another process was training when this one came to them
+    claims: Claims | None = None
 
     def scan(self, methods: list[str], seeds: list[int], retry_diverged: bool) -> Grid:
         """Sort every run into finished, diverged (not retrained unless `retry_diverged`) and pending."""
@@ -59,6 +61,28 @@ class Grid:
 
     def directory(self, method: str, seed: int) -> Path:
         return run_dir(self.out, self.config.dataset, method, seed)
+
+    def claim(self, task: Task) -> Task | None:
+        """Claim the task's runs for this process just before they train (see records.Claims): a run another
+        process holds is left to it (listed in `busy`), one recorded since the scan (by another process) is
+        taken as recorded; returns the task of the others, None if none is left. `finish` releases them."""
+        if self.claims is None:
+            self.claims = Claims(self.out, self.config.dataset)
+        held = self.claims.take(task.method, task.seeds)
+        self.busy += [f"{task.method} run {seed}" for seed in held]
+        todo = []
+        for seed in (seed for seed in task.seeds if seed not in held):
+            record = load_finished(self.directory(task.method, seed), self.identity(task.method, seed))
+            if record is None:
+                todo.append(seed)
+            else:
+                self.finished.setdefault(task.method, {})[seed] = record
+                self.claims.release(task.method, [seed])
+        return Task(task.method, todo) if todo else None
+
+    def close(self) -> None:
+        if self.claims is not None:
+            self.claims.close()
 
     def tasks(self, batch_size: int) -> list[Task]:
         """The pending runs of each method, `batch_size` to a task (one to a task for the searches that run
@@ -88,22 +112,38 @@ class Grid:
                 log(f"{self.config.dataset} {task.method} run {seed}{ranks}: test acc {result.final_test_acc:.4f}, "
                     f"lambda1 {result.final_lambda1:.3f}, T {result.final_temperature:.3f}, {result.wall_s:.1f} s")
         shutil.rmtree(task.checkpoint_dir(self.out, self.config.dataset), ignore_errors=True)
+        if self.claims is not None:
+            self.claims.release(task.method, task.seeds)
 
     def results(self, methods: list[str]) -> dict[str, list[dict]]:
-        """{method: [result, ...]} of the finished runs; raises GridDiverged (with them) when any run diverged."""
+        """{method: [result, ...]} of the finished runs; raises GridDiverged (with them) when any run diverged,
+        else GridBusy when another process was training some of the runs."""
         results = {method: [by_seed[seed] for seed in sorted(by_seed)] for method in methods
                    if (by_seed := self.finished.get(method))}
+        busy = (f"{', '.join(self.busy)} {'was' if len(self.busy) == 1 else 'were'} being trained by another "
+                f"process, left to it") if self.busy else ""
         if self.diverged:
-            raise GridDiverged("; ".join(self.diverged), results)
+            raise GridDiverged("; ".join([*self.diverged, *([busy] if busy else [])]), results)
+        if busy:
+            raise GridBusy(f"{busy}; rerun the same command when it has finished to have every run", results)
         return results
 
 
-class GridDiverged(DivergenceError):
-    """Some runs of a grid diverged; every other run finished and is recorded (`results`)."""
+class GridUnfinished(RuntimeError):
+    """Some runs of a grid are not finished (diverged, or left to another process); every other run finished
+    and is recorded (`results`)."""
 
     def __init__(self, message: str, results: dict[str, list[dict]]) -> None:
         super().__init__(message)
         self.results = results
+
+
+class GridDiverged(GridUnfinished, DivergenceError):
+    """Some runs of a grid diverged (and maybe some were left to another process)."""
+
+
+class GridBusy(GridUnfinished):
+    """Some runs of a grid were being trained by another process, and were left to it."""
 
 
 def _local_progress(config: ExperimentConfig, task: Task, quiet: bool) -> tqdm:
@@ -142,22 +182,26 @@ def run_experiment(config: ExperimentConfig, methods: list[str], seeds: list[int
     tasks = grid.tasks(config.batch_runs if batchable(problem, config.train_config()) else 1)
     others = [task for task in tasks if task.method != "pbt"]  # pbt's members are Ray actors already
     workers = default_workers(config) if workers is None else workers
+    away = executor == "ray" or min(workers, len(others)) > 1  # `others` train in workers, not here
     with ExitStack() as stack:
+        stack.callback(grid.close)
+        if away:  # claimed now, waiting for a worker; the tasks trained here are claimed as each starts
+            others = [claimed for task in others if (claimed := grid.claim(task)) is not None]
+            tasks = [task for task in tasks if task.method == "pbt"]
         elsewhere = None
         if executor == "ray":
             from .ray_executor import ray_session, run_on_ray
 
             stack.enter_context(ray_session(ray_address, ray_num_cpus, quiet))  # pbt's members use it too
             elsewhere = run_on_ray(config, others, out, ray_address, ray_num_cpus, quiet, log)
-        elif min(workers, len(others)) > 1:
+        elif away:
             elsewhere = run_in_processes(config, problem, grid.context, others, out, workers, quiet)
         if elsewhere is not None:
             for task, outcomes in stack.enter_context(closing(elsewhere)):  # an error here stops its workers now
                 grid.finish(task, outcomes, facts, quiet, log)
-            tasks = [task for task in tasks if task.method == "pbt"]
         if executor == "local" and any(task.method == "pbt" for task in tasks):  # one runtime for every search
             stack.enter_context(ray_runtime(ray_address, ray_num_cpus, quiet=True, needs="method pbt"))
-        for task in tasks:
+        for task in filter(None, map(grid.claim, tasks)):
             with _local_progress(config, task, quiet) as bar:
                 def progress(done: int, total: int, bar: tqdm = bar) -> None:
                     bar.total = total

@@ -3,6 +3,7 @@ are skipped."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -14,10 +15,16 @@ from typing import Any
 from .files import write_atomic
 from .results import RunResult
 
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: runs are not claimed
+    fcntl = None  # type: ignore[assignment]
+
 RESULT = "result.json"
 CONFIG = "config.json"
 HISTORY = "history.jsonl"
 DIVERGED = "diverged.json"
+CLAIMS = ".claims"
 
 
 class RecordError(RuntimeError):
@@ -51,6 +58,54 @@ def _check_identity(directory: Path, identity: dict[str, Any]) -> None:
         changed = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
         raise RecordError(f"{directory} holds a run made with other settings ({', '.join(changed)} differ); "
                           "use another --out or the same settings")
+
+
+class Claims:
+    """The runs this process is about to train or is training, claimed so that another metadistill process
+    writing into the same records directory does not train them too: byte `seed` of `<out>/<dataset>/<method>/
+    .claims` holds a POSIX record lock (fcntl) of the claiming process. The system drops a process's locks when
+    it ends, however it ends (SIGKILL included), so no claim outlives its process and nothing is left to clean
+    up. Claims exclude processes on one machine, or sharing a filesystem that supports POSIX locks (local disks,
+    NFS with its lock service); they are not taken where fcntl does not exist.
+
+    A process's POSIX locks on a file are released when it closes any descriptor of that file, so each file
+    is opened once, here, and kept open until `close`."""
+
+    def __init__(self, out: Path, dataset: str) -> None:
+        self._folder = Path(out) / dataset
+        self._files: dict[str, int] = {}
+
+    def _file(self, method: str) -> int:
+        if method not in self._files:
+            folder = self._folder / method
+            folder.mkdir(parents=True, exist_ok=True)
+            self._files[method] = os.open(folder / CLAIMS, os.O_RDWR | os.O_CREAT, 0o644)
+        return self._files[method]
+
+    def take(self, method: str, seeds: list[int]) -> list[int]:
+        """Claim `seeds` of `method`; returns those another process holds (left unclaimed here)."""
+        if fcntl is None:
+            return []
+        held = []
+        for seed in seeds:
+            try:
+                fcntl.lockf(self._file(method), fcntl.LOCK_EX | fcntl.LOCK_NB, 1, seed)
+            except OSError as error:
+                if error.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+                held.append(seed)
+        return held
+
+    def release(self, method: str, seeds: list[int]) -> None:
+        if fcntl is not None and method in self._files:
+            for seed in seeds:
+                fcntl.lockf(self._files[method], fcntl.LOCK_UN, 1, seed)
+
+    def close(self) -> None:
+        """Release every claim of this object's process."""
+        for descriptor in self._files.values():
+            os.close(descriptor)
+        self._files.clear()
 
 
 def load_record(directory: Path, identity: dict[str, Any]) -> tuple[str, dict] | None:
