@@ -65,8 +65,9 @@ def test_records_of_other_code_are_not_mixed_in(tmp_path, capsys, monkeypatch):
     assert code == 2 and "other settings (code differ)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])  # trained in this process, or handed to worker processes
-def test_a_run_another_process_is_training_is_left_to_it(tmp_path, capsys, workers):
+@pytest.mark.parametrize("workers,batch", [("1", "10"), ("2", "1")])  # a batch of 3 runs here (less the held
+# one), or 3 tasks handed to 2 worker processes
+def test_a_run_another_process_is_training_is_left_to_it(tmp_path, capsys, workers, batch):
     """Two commands on one records directory: the second leaves the run the first holds to it, trains the others,
     says so and exits 1; rerun once the first has ended, it trains that run (nothing else)."""
     import subprocess
@@ -80,7 +81,7 @@ def test_a_run_another_process_is_training_is_left_to_it(tmp_path, capsys, worke
     try:
         assert holder.stdout.readline().strip() == "[]"  # it holds naive run 1
         command = ["run", "--dataset", "synthetic", "--method", "naive", "--runs", "3", "--workers", workers,
-                   "--out", str(out), *FAST]
+                   "--set", f"batch_runs={batch}", "--out", str(out), *FAST]
         assert main(command) == 1
         err = capsys.readouterr().err
         assert "naive run 1 was being trained by another process, left to it" in err and err.count("\n") == 1
@@ -93,6 +94,24 @@ def test_a_run_another_process_is_training_is_left_to_it(tmp_path, capsys, worke
     assert main(command) == 0
     assert sorted(p.parent.name for p in runs.glob("run_*/result.json")) == ["run_000", "run_001", "run_002"]
     assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items())
+
+
+def test_where_the_filesystem_refuses_locks_runs_are_not_claimed_and_train(tmp_path, monkeypatch):
+    import errno
+
+    from metadistill import records
+
+    def refuse(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(records.fcntl, "lockf", refuse)
+    claims = records.Claims(tmp_path, "synthetic")
+    assert claims.take("naive", [0, 1]) == [] and claims.take("naive", [2]) == []
+    claims.release("naive", [0, 1, 2])
+    claims.close()
+    out = tmp_path / "records"
+    assert main(["run", "--dataset", "synthetic", "--method", "naive", "--runs", "1", "--out", str(out), *FAST]) == 0
+    assert (out / "synthetic" / "naive" / "run_000" / "result.json").exists()
 
 
 def test_a_run_recorded_by_another_process_after_the_scan_is_taken_as_recorded(tmp_path):

@@ -66,7 +66,7 @@ class Claims:
     .claims` holds a POSIX record lock (fcntl) of the claiming process. The system drops a process's locks when
     it ends, however it ends (SIGKILL included), so no claim outlives its process and nothing is left to clean
     up. Claims exclude processes on one machine, or sharing a filesystem that supports POSIX locks (local disks,
-    NFS with its lock service); they are not taken where fcntl does not exist.
+    NFS with its lock service); they are not taken where fcntl does not exist or the filesystem refuses locks.
 
     A process's POSIX locks on a file are released when it closes any descriptor of that file, so each file
     is opened once, here, and kept open until `close`."""
@@ -74,6 +74,7 @@ class Claims:
     def __init__(self, out: Path, dataset: str) -> None:
         self._folder = Path(out) / dataset
         self._files: dict[str, int] = {}
+        self._locking = fcntl is not None
 
     def _file(self, method: str) -> int:
         if method not in self._files:
@@ -84,20 +85,22 @@ class Claims:
 
     def take(self, method: str, seeds: list[int]) -> list[int]:
         """Claim `seeds` of `method`; returns those another process holds (left unclaimed here)."""
-        if fcntl is None:
-            return []
         held = []
-        for seed in seeds:
+        for seed in seeds if self._locking else []:
             try:
                 fcntl.lockf(self._file(method), fcntl.LOCK_EX | fcntl.LOCK_NB, 1, seed)
             except OSError as error:
-                if error.errno not in (errno.EACCES, errno.EAGAIN):
+                if error.errno in (errno.EACCES, errno.EAGAIN):
+                    held.append(seed)
+                elif error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # no locks on this filesystem
+                    self._locking = False
+                    return []
+                else:
                     raise
-                held.append(seed)
         return held
 
     def release(self, method: str, seeds: list[int]) -> None:
-        if fcntl is not None and method in self._files:
+        if self._locking and method in self._files:
             for seed in seeds:
                 fcntl.lockf(self._files[method], fcntl.LOCK_UN, 1, seed)
 
