@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from metadistill import Gradient, Loaders, Metaparameters, hyperopt_search
 from metadistill.engine import fit, fit_batched
+from metadistill.pbt import pbt_search
 from metadistill.problem import IndexStream, Problem
 from metadistill.strategies import Fixed, MetaOptimizer
 from metadistill.train import TrainConfig
@@ -118,6 +119,8 @@ def test_batched_runs_and_hyperopt_from_loaders():
     assert result.full_trainings == 3 and result.steps == 30
     with pytest.raises(ValueError, match="cannot checkpoint"):
         fit_batched(loaders(0, model), [strategy()], CONFIG, [0], checkpoint="/tmp/x.ckpt")
+    with pytest.raises(ValueError, match="pbt copies members' states.*cannot checkpoint"):  # before Ray starts
+        pbt_search(loaders(0, model), CONFIG, seed=0, population=2)
 
 
 def test_without_distillation_the_teacher_is_not_run():

@@ -61,7 +61,7 @@ from .engine import Data, Engine, Parallel
 from .files import write_atomic
 from .identity import tensor_fingerprint
 from .meta import LAMBDA1_BOUNDS, TEMPERATURE_BOUNDS, Metaparameters
-from .problem import steps_per_epoch
+from .problem import Loaders, steps_per_epoch
 from .results import DivergenceError, RunResult
 from .runtime import ray_runtime, require_ray, worker_error
 from .strategies import Fixed, random_metaparameters
@@ -306,6 +306,9 @@ def pbt_search(problem: Data, config: TrainConfig, seed: int, population: int = 
     end, with the steps of every member in `steps` and the population and exploits in extra. With
     `checkpoint_dir`, an interrupted search of the same `identity` resumes from its members' last checkpoints.
     `progress(steps, budget)`: every member's steps so far, against population x one training's steps."""
+    if isinstance(problem, Loaders):
+        raise ValueError("pbt copies members' states at its exploits, and runs from loaders cannot checkpoint (a "
+                         "loader's position cannot be saved): pass a Problem (data in memory)")
     if population < 2:
         raise ValueError(f"pbt_population must be >= 2, got {population}")
     if interval < 0:
